@@ -1,0 +1,32 @@
+"""loramkit: LoRAM (Train Small, Infer Large) as a toolkit.
+
+Prune a large model into a bundle, train LoRA on the bundle, recover the adapter onto
+the original model.
+"""
+
+__version__ = "0.1.0"
+
+from .bundle import Bundle  # noqa: E402
+from .errors import LoramError  # noqa: E402
+
+
+_LAZY = {
+    "load_pruned_model": ("model.loader", "load_pruned_model"),
+    "prune_model": ("prune.pruner", "prune"),
+    "recover_adapter": ("recover.adapter", "recover_adapter"),
+    "merge_adapter": ("recover.merge", "merge_adapter"),
+    "validate_bundle": ("bundle.validate", "validate"),
+}
+
+
+def __getattr__(name: str):
+    # transformers and peft load only when these are used, so `loramkit --help` is fast.
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(name)
+
+
+__all__ = ["Bundle", "LoramError", "__version__", *_LAZY]

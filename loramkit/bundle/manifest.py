@@ -1,0 +1,101 @@
+"""The manifest, ``loram.json``: versions, identity, schema (specs/bundle-v1.md is normative)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import BundleError
+from .fsutil import read_json
+from .hashing import canonical_json
+
+FORMAT = "loram-bundle"
+FORMAT_VERSION = "1.0.0"
+MANIFEST_NAME = "loram.json"
+INDEX_MAPS_NAME = "kept_indices.safetensors"
+CARD_NAME = "README.md"
+# Features listed in a manifest's "requires" that this reader implements.
+KNOWN_FEATURES: frozenset[str] = frozenset()
+# In-memory upgrades, keyed by the (major, minor) they read; each returns the next version.
+MIGRATIONS: dict[tuple[int, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+SCHEMA_PATH = Path(__file__).with_name("bundle-v1.schema.json")
+
+
+def parse_version(text: Any) -> tuple[int, int, int]:
+    try:
+        major, minor, patch = (int(p) for p in str(text).split("."))
+    except ValueError:
+        raise BundleError(f"format_version {text!r} is not a MAJOR.MINOR.PATCH version") from None
+    return major, minor, patch
+
+
+def bundle_id(manifest: dict[str, Any]) -> str:
+    """Identity of a bundle's content: everything but the card and the creation stamp."""
+    body = {k: v for k, v in manifest.items() if k not in ("bundle_id", "created_at", "created_by")}
+    body["files"] = {p: e for p, e in manifest.get("files", {}).items() if p != CARD_NAME}
+    return "sha256:" + hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def created_by() -> str:
+    from .. import __version__
+
+    return f"loramkit {__version__}"
+
+
+@lru_cache(maxsize=1)
+def _validator() -> Any:
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
+
+
+def schema_errors(manifest: dict[str, Any]) -> list[str]:
+    """Every way the manifest breaks the JSON Schema, as 'path: message' lines."""
+    errors = sorted(_validator().iter_errors(manifest), key=lambda e: list(e.absolute_path))
+    return [f"{'/'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}" for e in errors]
+
+
+def check_version(manifest: dict[str, Any], where: Path | str) -> dict[str, Any]:
+    """Refuse what this reader cannot read correctly; upgrade older versions in memory."""
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{where}: not a LoRAM bundle manifest (format is {manifest.get('format')!r})")
+    found = parse_version(manifest.get("format_version"))
+    ours = parse_version(FORMAT_VERSION)
+    if found[0] > ours[0]:
+        raise BundleError(
+            f"{where}: bundle format {'.'.join(map(str, found))} is newer than this loramkit reads "
+            f"({FORMAT_VERSION}); upgrade loramkit"
+        )
+    while (found[0], found[1]) in MIGRATIONS and found[:2] < ours[:2]:
+        manifest = MIGRATIONS[(found[0], found[1])](manifest)
+        found = parse_version(manifest["format_version"])
+    unknown = sorted(set(manifest.get("requires") or []) - KNOWN_FEATURES)
+    if unknown:
+        raise BundleError(
+            f"{where}: bundle requires {', '.join(unknown)}, which this loramkit ({FORMAT_VERSION}) "
+            "does not implement; upgrade loramkit"
+        )
+    return manifest
+
+
+def load_manifest(bundle_dir: Path) -> dict[str, Any]:
+    """Read, version-check and schema-check a bundle's manifest."""
+    path = bundle_dir / MANIFEST_NAME
+    if not bundle_dir.is_dir():
+        raise BundleError(f"{bundle_dir}: no such bundle directory")
+    if not path.exists():
+        raise BundleError(f"{bundle_dir}: not a LoRAM bundle (no {MANIFEST_NAME}); create one with `loramkit prune`")
+    manifest = check_version(read_json(path, MANIFEST_NAME, BundleError), path)
+    problems = schema_errors(manifest)
+    if problems:
+        raise BundleError(f"{path}: manifest does not follow the bundle schema: {problems[0]}")
+    return manifest

@@ -1,0 +1,208 @@
+"""Safetensors read and write that never holds more than one tensor.
+
+The safetensors library maps whole files, so every page it touches counts towards the
+process's resident memory until the file is closed. Pruning and merging read a base
+model tensor by tensor and write the result tensor by tensor, so here a tensor is read
+with a positioned read into its own buffer, and a file is written by laying out the
+header first (all shapes are known before any data) and then appending each tensor.
+The files are standard safetensors: the library reads them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import BundleError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the data
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def nbytes_of(dtype: str, shape: Iterable[int]) -> int:
+    n = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    for d in shape:
+        n *= d
+    return n
+
+
+class SafetensorsReader:
+    """Reads one safetensors file, checking its header against the file size first."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                raw_len = f.read(8)
+                if len(raw_len) < 8:
+                    raise ValueError("file is shorter than a safetensors header")
+                (header_len,) = struct.unpack("<Q", raw_len)
+                if header_len > min(_MAX_HEADER, size - 8):
+                    raise ValueError("header length runs past the end of the file")
+                header = json.loads(f.read(header_len))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{self.path}: not a readable safetensors file ({exc}); re-create or re-download it") from None
+        data_start = 8 + header_len
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.tensors: dict[str, TensorInfo] = {}
+        covered = 0
+        for name, entry in header.items():
+            try:
+                dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+                expected = nbytes_of(dtype, shape)
+            except (KeyError, TypeError, ValueError):
+                raise BundleError(f"{self.path}: malformed header entry for {name!r}") from None
+            if end - begin != expected or begin < 0 or data_start + end > size:
+                raise BundleError(
+                    f"{self.path}: tensor {name!r} runs past the end of the file (truncated?); re-create or re-download it"
+                )
+            covered += end - begin
+            self.tensors[name] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
+        if data_start + covered != size:
+            raise BundleError(f"{self.path}: file size does not match its header (truncated or padded); re-create it")
+        self._fd: int | None = None
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh memory (no mapping of the file)."""
+        info = self.tensors[name]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        buf = bytearray(info.nbytes)
+        view = memoryview(buf)
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(self._fd, [view[done:]], info.start + done)
+            if n == 0:
+                raise BundleError(f"{self.path}: unexpected end of file reading {name!r}")
+            done += n
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, without a copy when it is contiguous."""
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw data: the weight fingerprint, independent of names and files."""
+    return hashlib.sha256(tensor_bytes(t)).hexdigest()
+
+
+class StreamingWriter:
+    """Writes a safetensors file tensor by tensor, in the order the entries were declared.
+
+    The sha256 of the whole file is computed while writing, so a manifest needs no
+    second read. Call :meth:`close` after the last tensor; it checks nothing is missing.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        entries: list[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ):
+        self.path = Path(path)
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = metadata
+        offset = 0
+        self._order: list[tuple[str, str, tuple[int, ...]]] = []
+        for name, dtype, shape in entries:
+            n = nbytes_of(dtype, shape)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+            self._order.append((name, dtype, tuple(shape)))
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the library writes it
+        self._hash = hashlib.sha256()
+        self._file = open(self.path, "wb")
+        self._emit(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+        self.size = 8 + len(blob) + offset
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._hash.update(data)
+        self._file.write(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, dtype, shape = self._order[self._next]
+        if name != want_name or DTYPE_NAMES.get(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
+            raise RuntimeError(
+                f"writer expected {want_name} {dtype}{list(shape)}, got {name} "
+                f"{DTYPE_NAMES.get(tensor.dtype)}{list(tensor.shape)}"
+            )
+        self._emit(tensor_bytes(tensor.cpu()))
+        self._next += 1
+
+    def close(self) -> str:
+        """Finish the file; returns its sha256."""
+        if self._next != len(self._order):
+            raise RuntimeError(f"{self.path}: closed after {self._next} of {len(self._order)} tensors")
+        self._file.close()
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()

@@ -1,0 +1,123 @@
+"""What loramkit needs to know about a model family, as data.
+
+Every supported family is a LLaMA-style decoder: per layer an attention block
+(q, k, v, o projections; query heads grouped over key/value heads) and a gated MLP
+(gate, up, down). A family table names those modules; the pruning and recovery code
+is written once against the roles, never against a family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import UnsupportedModelError
+
+Role = Literal["q", "k", "v", "o", "gate", "up", "down"]
+
+# How each role is coupled to the pruned unit, and along which dimension of its
+# weight ([out, in]) the unit lives. "query": the unit's G query heads; "kv": the
+# unit's one key/value head; "channel": one MLP intermediate channel.
+ATTENTION_ROLES: tuple[tuple[Role, int, str], ...] = (
+    ("q", 0, "query"),
+    ("k", 0, "kv"),
+    ("v", 0, "kv"),
+    ("o", 1, "query"),
+)
+MLP_ROLES: tuple[tuple[Role, int, str], ...] = (
+    ("gate", 0, "channel"),
+    ("up", 0, "channel"),
+    ("down", 1, "channel"),
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: the module names of each role, relative to a decoder layer."""
+
+    name: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    modules: dict[Role, str]
+    # Modules that act over head_dim (Qwen3 q_norm/k_norm): kept whole, never sliced.
+    head_norms: tuple[str, ...] = ()
+    layers_prefix: str = "model.layers"
+
+    def module(self, layer: int, role: Role) -> str:
+        """Full module path, e.g. ``model.layers.7.self_attn.q_proj``."""
+        return f"{self.layers_prefix}.{layer}.{self.modules[role]}"
+
+    def layer_of(self, module_path: str) -> int | None:
+        """Layer index of a module path, or None when outside the decoder layers."""
+        prefix = self.layers_prefix + "."
+        if not module_path.startswith(prefix):
+            return None
+        head = module_path[len(prefix) :].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    def role_of(self, module_path: str) -> Role | None:
+        """The role of a full module path, or None for modules pruning never touches."""
+        layer = self.layer_of(module_path)
+        if layer is None:
+            return None
+        rel = module_path[len(f"{self.layers_prefix}.{layer}.") :]
+        for role, name in self.modules.items():
+            if name == rel:
+                return role
+        return None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """The uniform (unpruned) shape of a base model, read from its config."""
+
+    family: Family
+    architecture: str
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+
+    @property
+    def group_size(self) -> int:
+        """G: query heads per key/value head (1 for MHA)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def is_gqa(self) -> bool:
+        return self.num_key_value_heads < self.num_attention_heads
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ArchSpec":
+        from . import family_for_config  # late: the registry imports this module
+
+        family = family_for_config(config)
+        try:
+            heads = int(config["num_attention_heads"])
+            hidden = int(config["hidden_size"])
+            kv_heads = int(config.get("num_key_value_heads") or heads)
+            spec = cls(
+                family=family,
+                architecture=(config.get("architectures") or [family.architectures[0]])[0],
+                model_type=config["model_type"],
+                hidden_size=hidden,
+                num_hidden_layers=int(config["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=kv_heads,
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                intermediate_size=int(config["intermediate_size"]),
+                vocab_size=int(config["vocab_size"]),
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UnsupportedModelError(f"config.json lacks a usable field ({exc}); is it a causal LM config?") from None
+        if heads % kv_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+            )
+        return spec

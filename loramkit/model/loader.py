@@ -1,0 +1,126 @@
+"""Build the family's own transformers model with per-layer pruned modules, from a bundle.
+
+transformers builds every layer from one config, so a non-uniform model is made by
+building the original architecture on the meta device (no memory), swapping in
+smaller Linear modules for the pruned layers, then loading the bundle's tensors
+straight into place. Attention stays correct because whole KV groups are pruned:
+H / H_kv, the only head count the attention forward uses, is unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..bundle import Bundle
+from ..bundle.safetensors_io import DTYPES
+from ..errors import BundleError
+from ..families.geometry import LayerDims
+
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def bundle_tag(bundle_id: str) -> str:
+    """The model tag that binds adapters to a bundle: PEFT copies base-model tags into the adapter card."""
+    return "loram-bundle-" + bundle_id.removeprefix("sha256:")[:16]
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, bundle: Bundle) -> torch.dtype:
+    if dtype in (None, "auto"):
+        name = bundle.manifest["weights"]["dtype"]
+        return _DTYPE_NAMES.get(name, torch.float32)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise BundleError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}") from None
+
+
+def _shrink_layer(model: nn.Module, bundle: Bundle, dims: LayerDims, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Replace the Linear modules of one pruned layer with ones of the bundle's shapes (on meta)."""
+    family = bundle.arch.family
+    for role in family.modules:
+        path = family.module(dims.index, role)
+        parent_path, attr = path.rsplit(".", 1)
+        parent = model.get_submodule(parent_path)
+        old: nn.Linear = getattr(parent, attr)
+        out_f, in_f = shapes[f"{path}.weight"]
+        new = nn.Linear(in_f, out_f, bias=old.bias is not None, device="meta", dtype=old.weight.dtype)
+        setattr(parent, attr, new)
+    mlp = model.get_submodule(family.module(dims.index, "gate").rsplit(".", 1)[0])
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = dims.intermediate[1]
+
+
+def load_pruned_model(
+    bundle: str | Path | Bundle,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """Load a bundle's pruned model as the family's ``*ForCausalLM``.
+
+    Works with ``generate()``, the HF Trainer and ``peft.get_peft_model``. The model's
+    ``name_or_path`` is the bundle's path and its tags name the bundle, so an adapter
+    trained on it with plain PEFT records which bundle it belongs to.
+
+    Args:
+        dtype: ``"auto"`` (the bundle's), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype.
+        verify: check the weight files against the manifest's sha256 first.
+
+    Example:
+        >>> model = load_pruned_model("llama-loram-0.85", dtype="bfloat16")
+    """
+    import transformers
+
+    b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    if verify:
+        b.verify_weights()
+    torch_dtype = _resolve_dtype(dtype, b)
+    config = transformers.AutoConfig.from_pretrained(b.verify_file("config.json").parent)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    if type(model).__name__ not in b.arch.family.architectures:
+        raise BundleError(f"{b.path}: config builds {type(model).__name__}, expected {b.arch.architecture}")
+
+    with b.weights() as ckpt:
+        shapes = {n: ckpt.info(n).shape for n in ckpt.names()}
+        for dims in b.layers:
+            if dims.pruned:
+                _shrink_layer(model, b, dims, shapes)
+        expected = dict(model.named_parameters())
+        for name in ckpt.names():
+            if name not in expected:
+                raise BundleError(f"{b.path}: weight {name} does not belong to {b.arch.architecture}")
+            info = ckpt.info(name)
+            if tuple(expected[name].shape) != info.shape:
+                raise BundleError(f"{b.path}: {name} has shape {list(info.shape)}, the manifest implies {list(expected[name].shape)}")
+            tensor = ckpt.get(name).to(device=device, dtype=torch_dtype if DTYPES[info.dtype].is_floating_point else None)
+            parent_path, attr = name.rsplit(".", 1)
+            parent = model.get_submodule(parent_path)
+            setattr(parent, attr, nn.Parameter(tensor, requires_grad=getattr(parent, attr).requires_grad))
+    if b.arch.tie_word_embeddings:
+        model.tie_weights()
+    # Non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild them for real.
+    for path, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent_path, _, attr = path.rpartition(".")
+            fresh = type(module)(config=model.config).to(device)
+            setattr(model.get_submodule(parent_path) if parent_path else model, attr, fresh)
+    leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise BundleError(f"{b.path}: the bundle's weights lack {leftover[0]}; re-create the bundle")
+    model.to(device)
+    model.eval()
+    path = str(b.path.resolve())
+    model.name_or_path = path
+    model.config._name_or_path = path
+    model.add_model_tags(["loram", bundle_tag(b.bundle_id)])
+    return model

@@ -1,0 +1,55 @@
+"""Importance of pruning units: which KV groups and MLP channels a layer keeps.
+
+Scores are reduced over every weight of a coupled group (LLM-Pruner style): a KV group
+is its q rows, k rows, v rows (and their biases) and o columns; a channel is its gate
+row, up row and down column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..families import ATTENTION_ROLES, MLP_ROLES, ArchSpec
+
+IMPORTANCE_KINDS = ("random", "magnitude", "taylor")
+
+
+def unit_sums(t: torch.Tensor, dim: int, units: int) -> torch.Tensor:
+    """Sum a per-element score over each of ``units`` equal slices of dimension ``dim``: -> (units,)."""
+    return t.movedim(dim, 0).reshape(units, -1).sum(dim=1, dtype=torch.float64)
+
+
+def group_scores(
+    arch: ArchSpec, layer: int, elementwise: Callable[[str], torch.Tensor | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum ``elementwise(tensor_name)`` over each KV group and each MLP channel of one layer.
+
+    ``elementwise`` returns the per-element score of a tensor (w**2, |w * g|), or None when
+    the tensor does not exist (no bias). Returns (kv_group_scores (H_kv,), channel_scores (I,)).
+    """
+    kv = torch.zeros(arch.num_key_value_heads, dtype=torch.float64)
+    ch = torch.zeros(arch.intermediate_size, dtype=torch.float64)
+    for roles, acc in ((ATTENTION_ROLES, kv), (MLP_ROLES, ch)):
+        for role, dim, _kind in roles:
+            module = arch.family.module(layer, role)
+            for name, d in ((f"{module}.weight", dim), (f"{module}.bias", 0)):
+                if name.endswith(".bias") and dim != 0:
+                    continue  # o/down biases live in hidden space, shared by all units
+                score = elementwise(name)
+                if score is not None:
+                    acc += unit_sums(score, d, acc.numel())
+    return kv, ch
+
+
+def top_units(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores, ascending; ties go to the lower index."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    return order[:k].sort().values
+
+
+def random_units(total: int, k: int, seed: int, layer: int, salt: int) -> torch.Tensor:
+    """``k`` of ``total`` units drawn with a generator seeded per (seed, layer, block)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + layer * 2 + salt)
+    return torch.randperm(total, generator=g)[:k].sort().values

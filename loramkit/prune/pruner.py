@@ -1,0 +1,254 @@
+"""Structured pruning of a base checkpoint into a bundle, streaming tensor by tensor.
+
+Peak memory for ``random`` and ``magnitude`` is about one tensor of the base (plus its
+slice): each pruned layer is read twice, once to score its units and once to slice,
+and the second read comes from the page cache. ``taylor`` first loads the model to get
+gradients (see :mod:`loramkit.prune.taylor`), frees it, then streams the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..bundle import card
+from ..bundle.checkpoint import INDEX_NAME, Checkpoint, parse_size, plan_shards, shard_names
+from ..bundle.fsutil import staged_dir, write_json
+from ..bundle.hashing import config_sha256
+from ..bundle.manifest import INDEX_MAPS_NAME
+from ..bundle.safetensors_io import DTYPE_NAMES, DTYPES, StreamingWriter, nbytes_of, tensor_sha256
+from ..bundle.writer import copy_base_files, finalize, new_manifest
+from ..errors import BaseModelError, LoramError
+from ..families import ArchSpec
+from .. import progress
+from ..families.geometry import LayerDims, layer_index_maps, pruned_shape, slice_tensor
+from .plan import plan_layers
+from .importance import IMPORTANCE_KINDS, group_scores, random_units, top_units
+from .taylor import read_calibration, taylor_scores
+
+
+def _check_tensors(ckpt: Checkpoint, arch: ArchSpec) -> None:
+    names = set(ckpt.names())
+    for i in range(arch.num_hidden_layers):
+        for role in arch.family.modules:
+            name = f"{arch.family.module(i, role)}.weight"
+            if name not in names:
+                raise BaseModelError(f"{ckpt.path}: tensor {name} is missing; the checkpoint is incomplete")
+            info = ckpt.info(name)
+            if info.dtype not in ("F32", "F16", "BF16"):
+                raise BaseModelError(
+                    f"{ckpt.path}: {name} is {info.dtype}; prune a 16/32-bit checkpoint (quantize after pruning)"
+                )
+
+
+def _order_key(arch: ArchSpec, name: str) -> tuple[int, str]:
+    layer = arch.family.layer_of(name.rsplit(".", 1)[0])
+    return (-1 if layer is None else layer, name)
+
+
+def prune(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    ratio: float,
+    *,
+    importance: str = "magnitude",
+    keep_first: int | None = None,
+    keep_last: int | None = None,
+    seed: int = 0,
+    calibration: str | Path | None = None,
+    calibration_samples: int = 32,
+    calibration_seq_len: int = 256,
+    device: str = "cpu",
+    max_shard_size: str | int = "2GB",
+    base_name: str | None = None,
+    base_revision: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Prune ``base_dir`` into a new bundle at ``out_dir``; returns the manifest.
+
+    Args:
+        ratio: fraction of units removed from each pruned layer, in [0, 1).
+        importance: ``random`` (LoRAM-Rand), ``magnitude`` or ``taylor`` (LoRAM-Stru).
+        keep_first, keep_last: layers left intact at each end (default 4 and 2, fewer
+            for shallow models; see :func:`~loramkit.prune.geometry.layers_kept_intact`).
+        calibration: text file for ``taylor`` (.txt passages or .jsonl with 'text').
+        base_name, base_revision: the base's identity recorded in the manifest (default:
+            the directory's absolute path, no revision).
+
+    Raises:
+        LoramError: bad arguments or a base that cannot be pruned; nothing is written.
+    """
+    base_dir = Path(base_dir)
+    if importance not in IMPORTANCE_KINDS:
+        raise LoramError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCE_KINDS)}")
+    if importance == "taylor" and calibration is None:
+        raise LoramError("taylor importance needs --calibration FILE (texts to take gradients on)")
+    ckpt = Checkpoint(base_dir)
+    try:
+        arch = ArchSpec.from_config(ckpt.config)
+        _check_tensors(ckpt, arch)
+        layers, (first, last) = plan_layers(arch, ratio, keep_first, keep_last)
+        pruned_idx = [d.index for d in layers if d.pruned]
+
+        calib_record = None
+        taylor: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if importance == "taylor":
+            texts, digest = read_calibration(Path(calibration))
+            taylor, used = taylor_scores(
+                base_dir, arch, pruned_idx, texts, num_samples=calibration_samples, seq_len=calibration_seq_len, device=device
+            )
+            calib_record = {"sha256": digest, "source": Path(calibration).name, **used}
+
+        with staged_dir(out_dir, overwrite) as tmp:
+            manifest = _stream(ckpt, arch, layers, importance, seed, taylor, tmp, parse_size(max_shard_size), show_progress)
+            copy_base_files(base_dir, tmp)
+            manifest.update(
+                base=dict(
+                    name_or_path=base_name or str(base_dir.resolve()),
+                    revision=base_revision,
+                    config_sha256=config_sha256(ckpt.config),
+                    **manifest.pop("base_weights"),
+                ),
+                pruning={
+                    "strategy": "structured",
+                    "importance": importance,
+                    "ratio": ratio,
+                    "rounding": "paper",
+                    "keep_first": first,
+                    "keep_last": last,
+                    "pruned_layers": pruned_idx,
+                    "seed": seed,
+                    "calibration": calib_record,
+                },
+            )
+            (tmp / card.CARD_NAME).write_text(card.render(manifest), encoding="utf-8")
+            return finalize(tmp, manifest, manifest.pop("_sha256"))
+    finally:
+        ckpt.close()
+
+
+def _kept_units(
+    ckpt: Checkpoint, arch: ArchSpec, dims: LayerDims, importance: str, seed: int, taylor: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept KV groups, kept MLP channels) of one pruned layer, ascending."""
+    i, k_kv, k_ch = dims.index, dims.kv_heads[1], dims.intermediate[1]
+    if importance == "random":
+        return (
+            random_units(arch.num_key_value_heads, k_kv, seed, i, 0),
+            random_units(arch.intermediate_size, k_ch, seed, i, 1),
+        )
+    if importance == "taylor":
+        kv, ch = taylor[i]
+    else:  # magnitude: L2 norm over the group's weights, one tensor in memory at a time
+        names = set(ckpt.names())
+        kv, ch = group_scores(arch, i, lambda n: ckpt.get(n).float().square() if n in names else None)
+        kv, ch = kv.sqrt(), ch.sqrt()
+    return top_units(kv, k_kv), top_units(ch, k_ch)
+
+
+def _stream(
+    ckpt: Checkpoint,
+    arch: ArchSpec,
+    layers: list[LayerDims],
+    importance: str,
+    seed: int,
+    taylor: dict,
+    out: Path,
+    max_shard_bytes: int,
+    show_progress: bool,
+) -> dict[str, Any]:
+    names = sorted(ckpt.names(), key=lambda n: _order_key(arch, n))
+    by_layer: dict[int, list[str]] = {}
+    for n in names:
+        by_layer.setdefault(_order_key(arch, n)[0], []).append(n)
+    tensor_names = set(names)
+
+    # Shapes are fixed by the kept counts alone, so shards and headers are planned up front
+    # from maps of the right lengths; the real indices come when each layer is scored.
+    placeholder: dict[str, torch.Tensor] = {}
+    for d in layers:
+        if d.pruned:
+            placeholder |= layer_index_maps(
+                arch, d.index, torch.arange(d.kv_heads[1]), torch.arange(d.intermediate[1]), tensor_names
+            )
+    out_entries = []
+    for n in names:
+        info = ckpt.info(n)
+        out_entries.append((n, info.dtype, pruned_shape(info.shape, n, placeholder)))
+    shards = plan_shards([(n, nbytes_of(dt, shp)) for n, dt, shp in out_entries], max_shard_bytes)
+    files = shard_names(len(shards))
+    entry_of = {e[0]: e for e in out_entries}
+
+    base_tensors: dict[str, dict[str, Any]] = {}
+    maps: dict[str, torch.Tensor] = {}
+    sha: dict[str, str] = {}
+    weight_map: dict[str, str] = {}
+    total_read = sum(ckpt.info(n).nbytes for n in names)
+    writers = [StreamingWriter(out / f, [entry_of[n] for n in shard], {"format": "pt"}) for f, shard in zip(files, shards)]
+    writer_of = {n: w for w, shard in zip(writers, shards) for n in shard}
+    try:
+        with progress.task("pruning", total_read, show=show_progress) as advance:
+            for layer, members in by_layer.items():
+                layer_maps: dict[str, torch.Tensor] = {}
+                if layer >= 0 and layers[layer].pruned:
+                    kv, ch = _kept_units(ckpt, arch, layers[layer], importance, seed, taylor)
+                    layer_maps = layer_index_maps(arch, layer, kv, ch, tensor_names)
+                    maps |= layer_maps
+                for n in members:
+                    t = ckpt.get(n)
+                    info = ckpt.info(n)
+                    base_tensors[n] = {"dtype": info.dtype, "shape": list(info.shape), "sha256": tensor_sha256(t)}
+                    writer_of[n].write(n, slice_tensor(t, n, layer_maps))
+                    advance(info.nbytes)
+                    del t
+        for f, w in zip(files, writers):
+            sha[f] = w.close()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    for f, shard in zip(files, shards):
+        weight_map |= {n: f for n in shard}
+    if len(files) > 1:
+        total = sum(nbytes_of(dt, shp) for _, dt, shp in out_entries)
+        write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+    from safetensors.torch import save_file
+
+    save_file(maps, str(out / INDEX_MAPS_NAME), metadata={"format": "pt"})
+    numel = lambda shape: int(torch.Size(shape).numel())  # noqa: E731
+    dtype_name = str(DTYPES[ckpt.info(names[0]).dtype]).removeprefix("torch.")
+    dtypes = {DTYPE_NAMES[DTYPES[ckpt.info(n).dtype]] for n in names}
+    return new_manifest(
+        base_weights={
+            "dtype": dtype_name,
+            "num_parameters": sum(numel(ckpt.info(n).shape) for n in names),
+            "tensors": base_tensors,
+        },
+        architecture={
+            "family": arch.family.name,
+            "model_type": arch.model_type,
+            "architecture": arch.architecture,
+            "hidden_size": arch.hidden_size,
+            "num_hidden_layers": arch.num_hidden_layers,
+            "head_dim": arch.head_dim,
+            "vocab_size": arch.vocab_size,
+            "tie_word_embeddings": arch.tie_word_embeddings,
+            "layers": [d.to_json() for d in layers],
+        },
+        parameters={
+            "original": sum(numel(ckpt.info(n).shape) for n in names),
+            "pruned": sum(numel(shp) for _, _, shp in out_entries),
+        },
+        weights={
+            "format": "safetensors",
+            "dtype": dtype_name if len(dtypes) == 1 else "mixed",
+            "files": files,
+            "index": INDEX_NAME if len(files) > 1 else None,
+        },
+        index_maps=INDEX_MAPS_NAME,
+        _sha256=sha,
+    )

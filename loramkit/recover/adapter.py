@@ -1,0 +1,235 @@
+"""Recovery: a PEFT LoRA adapter of the pruned model -> a PEFT LoRA adapter of the original model.
+
+For a module with kept output rows ``o`` and kept input columns ``i``:
+``B_full[o] = B``, ``A_full[:, i] = A``, zeros elsewhere. Then
+``B_full @ A_full * s`` equals the pruned delta exactly on the kept coordinates and is
+zero elsewhere; r, alpha and every other LoRA setting carry over unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..bundle import Bundle
+from ..bundle.fsutil import read_json, staged_dir, write_json
+from ..bundle.manifest import MANIFEST_NAME
+from ..errors import AdapterError, BundleError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+# PEFT's saved keys: <prefix><module>.<lora part>.weight (the adapter name is stripped on save).
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.weight$")
+# LoRA options that change what the weights mean; recovery cannot scatter these.
+_UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "lora_bias": "LoRA bias (lora_bias)",
+    "use_qalora": "QA-LoRA",
+    "trainable_token_indices": "trainable tokens",
+}
+
+
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter on disk: its config and tensors (small: read whole)."""
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    tags: list[str]
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Adapter":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_dir():
+            raise AdapterError(f"{path}: no such adapter directory")
+        config = read_json(path / ADAPTER_CONFIG, ADAPTER_CONFIG, AdapterError)
+        weights = path / ADAPTER_WEIGHTS
+        if not weights.exists():
+            pickled = (path / "adapter_model.bin").exists()
+            raise AdapterError(
+                f"{path}: no {ADAPTER_WEIGHTS}"
+                + ("; adapter_model.bin is a pickle, which loramkit never loads: save with safe_serialization=True" if pickled else "")
+            )
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError) as exc:
+            raise AdapterError(f"{weights}: unreadable safetensors ({exc}); re-save the adapter") from None
+        return cls(path, config, tensors, _card_tags(path / "README.md"))
+
+
+def _card_tags(card: Path) -> list[str]:
+    """Tags in a model card's YAML front matter (PEFT copies the base model's tags there)."""
+    if not card.is_file():
+        return []
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return []
+    front = text.split("---", 2)[1]
+    return re.findall(r"^\s*-\s*['\"]?(loram-bundle-[0-9a-f]+)", front, flags=re.M)
+
+
+def check_plain_lora(config: dict[str, Any], where: Path) -> None:
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"{where}: a {peft_type or 'non-PEFT'} adapter is unsupported; recover needs a plain LoRA adapter")
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise AdapterError(f"{where}: {what} adapters are unsupported; recover needs plain LoRA")
+
+
+def resolve_bundle(adapter: Adapter, bundle: str | Path | Bundle | None) -> Bundle:
+    """The bundle an adapter belongs to, refusing one it was not trained on.
+
+    Evidence, when present, must agree with the given bundle: the bundle tag PEFT copied
+    into the adapter's card, and the bundle named by ``base_model_name_or_path``.
+    """
+    named = adapter.config.get("base_model_name_or_path")
+    named_dir = Path(named) if named else None
+    if bundle is None:
+        if named_dir is None or not (named_dir / MANIFEST_NAME).is_file():
+            raise AdapterError(
+                f"{adapter.path}: cannot tell which bundle the adapter was trained on "
+                f"(base_model_name_or_path={named!r}); pass --bundle"
+            )
+        bundle = named_dir
+    b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    from ..model.loader import bundle_tag
+
+    tags = set(adapter.tags)
+    if tags and bundle_tag(b.bundle_id) not in tags:
+        raise AdapterError(
+            f"{adapter.path}: adapter was trained on bundle {sorted(tags)[0]}, not on {b.path} "
+            f"({bundle_tag(b.bundle_id)}); pass the bundle it was trained on"
+        )
+    if named_dir is not None and (named_dir / MANIFEST_NAME).is_file():
+        try:
+            other = Bundle(named_dir).bundle_id
+        except BundleError:
+            other = None
+        if other is not None and other != b.bundle_id:
+            raise AdapterError(
+                f"{adapter.path}: adapter was trained on the bundle at {named} ({other[:19]}…), "
+                f"not on {b.path} ({b.bundle_id[:19]}…); pass the bundle it was trained on"
+            )
+    if named and named == b.base["name_or_path"]:
+        raise AdapterError(f"{adapter.path}: adapter was trained on the full base model {named}; it needs no recovery")
+    return b
+
+
+def scatter(t: torch.Tensor, full_shape: tuple[int, ...], index: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Place ``t`` at the kept indices of each mapped dimension of a zero tensor of ``full_shape``."""
+    if not index:
+        return t.clone()
+    out = torch.zeros(full_shape, dtype=t.dtype)
+    # Build the index grid one dimension at a time: rows, then columns.
+    rows = index.get(0, torch.arange(full_shape[0]))
+    cols = index.get(1, torch.arange(full_shape[1])) if t.dim() > 1 else None
+    if cols is None:
+        out[rows] = t
+    else:
+        out[rows[:, None], cols[None, :]] = t
+    return out
+
+
+def recover_tensors(adapter: Adapter, b: Bundle) -> dict[str, torch.Tensor]:
+    """The full-size adapter tensors, after checking every key against the bundle."""
+    base_tensors = b.base["tensors"]
+    maps = b.index_maps
+    out: dict[str, torch.Tensor] = {}
+    for key, t in adapter.tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            module = key.removeprefix(_PREFIX).rsplit(".", 1)[0]
+            raise AdapterError(
+                f"{adapter.path}: tensor {key} is not a LoRA A/B matrix "
+                f"(modules_to_save and other extras are unsupported); train with LoRA only"
+            )
+        module, part = m["module"], m["part"]
+        weight = f"{module}.weight"
+        if weight not in base_tensors:
+            raise AdapterError(f"{adapter.path}: target module {module} is unknown to the bundle's base model")
+        out_full, in_full = base_tensors[weight]["shape"]
+        index: dict[int, torch.Tensor] = {}
+        if part == "lora_A":  # (r, in): columns follow the module's kept inputs
+            full = (t.shape[0], in_full)
+            if f"{weight}:1" in maps:
+                index[1] = maps[f"{weight}:1"]
+        elif part == "lora_B":  # (out, r): rows follow the module's kept outputs
+            full = (out_full, t.shape[1])
+            if f"{weight}:0" in maps:
+                index[0] = maps[f"{weight}:0"]
+        elif part == "lora_embedding_A":  # (r, num_embeddings); embeddings are never pruned
+            full = (t.shape[0], out_full)
+        else:  # lora_embedding_B: (embedding_dim, r)
+            full = (in_full, t.shape[1])
+        want = tuple(len(index[d]) if d in index else s for d, s in enumerate(full))
+        if tuple(t.shape) != want:
+            raise AdapterError(
+                f"{adapter.path}: {key} has shape {list(t.shape)} but the bundle's kept dims give {list(want)}; "
+                "the adapter was trained on another bundle"
+            )
+        out[key] = scatter(t, full, index)
+    if not out:
+        raise AdapterError(f"{adapter.path}: the adapter holds no LoRA weights")
+    return out
+
+
+def recover_adapter(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    bundle: str | Path | Bundle | None = None,
+    *,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the full-model PEFT adapter for ``adapter_dir`` to ``out_dir``; returns a summary.
+
+    Raises:
+        AdapterError: foreign adapter, shapes not matching the bundle, unknown target
+            module, or not plain LoRA. Nothing is written then.
+    """
+    from safetensors.torch import save_file
+
+    adapter = Adapter.read(adapter_dir)
+    check_plain_lora(adapter.config, adapter.path)
+    b = resolve_bundle(adapter, bundle)
+    tensors = recover_tensors(adapter, b)
+    config = dict(adapter.config)
+    config["base_model_name_or_path"] = b.base["name_or_path"]
+    config["revision"] = b.base.get("revision")
+    with staged_dir(out_dir, overwrite) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        write_json(tmp / ADAPTER_CONFIG, config)
+        (tmp / "README.md").write_text(_card(config, b), encoding="utf-8")
+    return {
+        "bundle": str(b.path),
+        "bundle_id": b.bundle_id,
+        "base": b.base["name_or_path"],
+        "tensors": len(tensors),
+        "modules": len({k.rsplit(".", 2)[0] for k in tensors}),
+    }
+
+
+def _card(config: dict[str, Any], b: Bundle) -> str:
+    return (
+        "---\n"
+        f"base_model: {json.dumps(b.base['name_or_path'])}\n"
+        "library_name: peft\n"
+        "tags:\n- lora\n- loram\n- loram-recovered\n"
+        "---\n\n"
+        f"# LoRA adapter for `{b.base['name_or_path']}`\n\n"
+        f"Trained with LoRAM on the pruned bundle `{b.bundle_id}` and recovered to the full model's\n"
+        "dimensions by loramkit (zeros on pruned channels). Load it with\n"
+        "`peft.PeftModel.from_pretrained(base_model, this_dir)`.\n"
+    )

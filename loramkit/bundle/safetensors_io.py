@@ -71,6 +71,7 @@ class SafetensorsReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._fd: int | None = None  # before anything can raise: __del__ closes it
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
@@ -83,6 +84,8 @@ class SafetensorsReader:
                 header = json.loads(f.read(header_len))
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise BundleError(f"{self.path}: not a readable safetensors file ({exc}); re-create or re-download it") from None
+        if not isinstance(header, dict):
+            raise BundleError(f"{self.path}: safetensors header is not a JSON object; re-create or re-download it")
         data_start = 8 + header_len
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -90,6 +93,8 @@ class SafetensorsReader:
         for name, entry in header.items():
             try:
                 dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+                if not all(type(v) is int and v >= 0 for v in (*shape, begin, end)):
+                    raise ValueError("shape and data_offsets must be non-negative integers")
                 expected = nbytes_of(dtype, shape)
             except (KeyError, TypeError, ValueError):
                 raise BundleError(f"{self.path}: malformed header entry for {name!r}") from None
@@ -99,9 +104,13 @@ class SafetensorsReader:
                 )
             covered += end - begin
             self.tensors[name] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
+        pos = data_start  # data must tile the buffer: no overlaps, no gaps (as the library requires)
+        for info in sorted(self.tensors.values(), key=lambda i: (i.start, i.end)):
+            if info.start != pos:
+                raise BundleError(f"{self.path}: tensor data offsets overlap or leave gaps; re-create it")
+            pos = info.end
         if data_start + covered != size:
             raise BundleError(f"{self.path}: file size does not match its header (truncated or padded); re-create it")
-        self._fd: int | None = None
 
     def keys(self) -> list[str]:
         return list(self.tensors)

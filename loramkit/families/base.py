@@ -41,6 +41,8 @@ class Family:
     modules: dict[Role, str]
     # Modules that act over head_dim (Qwen3 q_norm/k_norm): kept whole, never sliced.
     head_norms: tuple[str, ...] = ()
+    # Roles that always carry a bias (Qwen2 q/k/v); others follow config's attention_bias / mlp_bias.
+    bias_roles: tuple[Role, ...] = ()
     layers_prefix: str = "model.layers"
 
     def module(self, layer: int, role: Role) -> str:
@@ -82,6 +84,7 @@ class ArchSpec:
     intermediate_size: int
     vocab_size: int
     tie_word_embeddings: bool
+    bias_roles: frozenset[str] = frozenset()
 
     @property
     def group_size(self) -> int:
@@ -113,6 +116,9 @@ class ArchSpec:
                 intermediate_size=int(config["intermediate_size"]),
                 vocab_size=int(config["vocab_size"]),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                bias_roles=frozenset(family.bias_roles)
+                | (frozenset(("q", "k", "v", "o")) if config.get("attention_bias") else frozenset())
+                | (frozenset(("gate", "up", "down")) if config.get("mlp_bias") else frozenset()),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UnsupportedModelError(f"config.json lacks a usable field ({exc}); is it a causal LM config?") from None

@@ -88,3 +88,20 @@ def slice_tensor(t: torch.Tensor, name: str, maps: dict[str, torch.Tensor]) -> t
         if idx is not None:
             t = t.index_select(d, idx)
     return t.contiguous()
+
+
+def count_parameters(arch: ArchSpec, layers: list[LayerDims]) -> int:
+    """Parameters of a model with these per-layer dims, counted as transformers does (tied once).
+
+    Embeddings, lm_head (unless tied), final norm, and per layer: q/k/v/o, gate/up/down,
+    their biases (Qwen2 q/k/v; attention_bias / mlp_bias), two norms, and per-head norms.
+    """
+    h, hd = arch.hidden_size, arch.head_dim
+    total = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2) + h
+    for d in layers:
+        q, kv, inter = d.heads[1] * hd, d.kv_heads[1] * hd, d.intermediate[1]
+        rows = {"q": q, "k": kv, "v": kv, "o": h, "gate": inter, "up": inter, "down": h}
+        total += 2 * h * q + 2 * h * kv + 3 * h * inter + 2 * h
+        total += sum(rows[r] for r in arch.bias_roles)
+        total += len(arch.family.head_norms) * hd
+    return total

@@ -4,4 +4,6 @@ from dataclasses import replace
 
 from .llama import LLAMA
 
-QWEN2 = replace(LLAMA, name="qwen2", architectures=("Qwen2ForCausalLM",), model_types=("qwen2",))
+QWEN2 = replace(
+    LLAMA, name="qwen2", architectures=("Qwen2ForCausalLM",), model_types=("qwen2",), bias_roles=("q", "k", "v")
+)

@@ -19,7 +19,10 @@ ROUNDING_RULES = ("paper",)
 
 def exact_ratio(ratio: float | str) -> Fraction:
     """The ratio as the exact decimal the user wrote: 0.85 is 17/20, not 0.84999999999999997."""
-    r = Fraction(repr(ratio) if isinstance(ratio, float) else str(ratio))
+    try:
+        r = Fraction(repr(ratio) if isinstance(ratio, float) else str(ratio))
+    except (ValueError, TypeError, ZeroDivisionError):  # 'inf', 'nan', 'abc', '1/0'
+        raise LoramError(f"ratio must be a number in [0, 1), got {ratio!r}") from None
     if not 0 <= r < 1:
         raise LoramError(f"ratio must be in [0, 1), got {ratio}")
     return r
@@ -67,11 +70,11 @@ def plan_layers(
     G = arch.group_size
     layers = []
     for i in range(arch.num_hidden_layers):
-        pruned = r > 0 and first <= i < arch.num_hidden_layers - last
-        if pruned:
+        if r > 0 and first <= i < arch.num_hidden_layers - last:
             kv = kept_units(Hkv, r, "kv_groups" if arch.is_gqa else "heads")
             inter = kept_units(I, r, "channels")
         else:
             kv, inter = Hkv, I
+        pruned = kv < Hkv or inter < I  # spec 3.3: pruned iff something is removed
         layers.append(LayerDims(i, pruned, (H, kv * G), (Hkv, kv), (I, inter)))
     return layers, (first, last)

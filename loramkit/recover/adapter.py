@@ -25,7 +25,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 # PEFT's saved keys: <prefix><module>.<lora part>.weight (the adapter name is stripped on save).
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.weight$")
+# Embedding parts are ParameterDict entries, saved without ".weight" (..embed_tokens.lora_embedding_A).
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)\.(?P<part>lora_[AB](?=\.weight$)|lora_embedding_[AB](?=$))(?:\.weight)?$")
 # LoRA options that change what the weights mean; recovery cannot scatter these.
 _UNSUPPORTED = {
     "use_dora": "DoRA",
@@ -160,7 +161,10 @@ def recover_tensors(adapter: Adapter, b: Bundle) -> dict[str, torch.Tensor]:
         weight = f"{module}.weight"
         if weight not in base_tensors:
             raise AdapterError(f"{adapter.path}: target module {module} is unknown to the bundle's base model")
-        out_full, in_full = base_tensors[weight]["shape"]
+        shape = base_tensors[weight]["shape"]
+        if len(shape) != 2:
+            raise AdapterError(f"{adapter.path}: target module {module} is not a Linear or Embedding ({weight} has shape {shape})")
+        out_full, in_full = shape
         index: dict[int, torch.Tensor] = {}
         if part == "lora_A":  # (r, in): columns follow the module's kept inputs
             full = (t.shape[0], in_full)
@@ -181,6 +185,14 @@ def recover_tensors(adapter: Adapter, b: Bundle) -> dict[str, torch.Tensor]:
                 "the adapter was trained on another bundle"
             )
         out[key] = scatter(t, full, index)
+    halves: dict[str, set[str]] = {}
+    for key in out:  # PEFT only warns on a missing half and leaves B = 0: refuse it here
+        m = _KEY.match(key)
+        halves.setdefault(m["module"], set()).add(m["part"][-1])
+    for module, got in halves.items():
+        if got != {"A", "B"}:
+            missing = "B" if "A" in got else "A"
+            raise AdapterError(f"{adapter.path}: {module} lacks its LoRA {missing} matrix; the adapter is incomplete")
     if not out:
         raise AdapterError(f"{adapter.path}: the adapter holds no LoRA weights")
     return out

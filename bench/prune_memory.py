@@ -1,0 +1,167 @@
+"""Peak memory of streaming pruning (and merging) on a >= 1 GB model, against its size.
+
+Writes a LLaMA-3.2-1B-shaped base (1.24B parameters, bf16, ~2.5 GB, random weights,
+written tensor by tensor so this script itself never holds the model), then runs
+``loramkit prune`` and ``loramkit recover --merge`` in child processes and reads their
+peak RSS. The floor measured in the same run is a child that imports loramkit,
+torch, transformers and peft and does nothing else.
+
+    .venv/bin/python bench/prune_memory.py [--workdir bench/_work] [--config PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from loramkit.bundle.checkpoint import plan_shards, shard_names  # noqa: E402
+from loramkit.bundle.safetensors_io import StreamingWriter  # noqa: E402
+
+LLAMA_32_1B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "head_dim": 64,
+    "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 131072,
+    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "vocab_size": 128256,
+}  # fmt: skip
+
+
+def tensor_specs(c: dict) -> list[tuple[str, tuple[int, ...]]]:
+    h, hd, i = c["hidden_size"], c["head_dim"], c["intermediate_size"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    specs = [("model.embed_tokens.weight", (c["vocab_size"], h))]
+    for n in range(c["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        specs += [
+            (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
+            (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)), (p + "mlp.down_proj.weight", (h, i)),
+        ]  # fmt: skip
+    specs.append(("model.norm.weight", (h,)))
+    if not c["tie_word_embeddings"]:
+        specs.append(("lm_head.weight", (c["vocab_size"], h)))
+    return specs
+
+
+def write_base(d: Path, config: dict, shard_bytes: int = 1 << 30) -> int:
+    """A random bf16 checkpoint, sharded like transformers; returns its size in bytes."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+    specs = tensor_specs(config)
+    shards = plan_shards([(n, 2 * torch.Size(s).numel()) for n, s in specs], shard_bytes)
+    files = shard_names(len(shards))
+    shape = dict(specs)
+    g = torch.Generator().manual_seed(0)
+    for f, names in zip(files, shards):
+        w = StreamingWriter(d / f, [(n, "BF16", shape[n]) for n in names], {"format": "pt"})
+        for n in names:
+            w.write(n, (torch.randn(shape[n], generator=g) * 0.02).to(torch.bfloat16))
+        w.close()
+    if len(files) > 1:
+        weight_map = {n: f for f, names in zip(files, shards) for n in names}
+        total = sum(2 * torch.Size(s).numel() for s in shape.values())
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return sum(p.stat().st_size for p in d.glob("*.safetensors"))
+
+
+# The child reports its own VmHWM at exit: unlike getrusage's ru_maxrss, which Linux carries
+# across exec from the forking parent, VmHWM belongs to the new address space alone.
+_REPORT = """
+import atexit, runpy, sys
+out, mode, target = sys.argv[1:4]
+def _report():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            open(out, 'w').write(str(int(line.split()[1]) * 1024))
+atexit.register(_report)
+sys.argv = [target] + sys.argv[4:]
+if mode == '-m':
+    runpy.run_module(target, run_name='__main__', alter_sys=True)
+else:
+    exec(target)
+"""
+
+
+def peak_rss_of(argv: list[str]) -> tuple[int, float]:
+    """(peak RSS in bytes, seconds) of ``python -m MODULE ...`` or ``python -c CODE``."""
+    report = Path(os.environ.get("TMPDIR", "/tmp")) / f"loramkit-hwm-{os.getpid()}"
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [argv[0], "-c", _REPORT, str(report), *argv[1:]], env={**os.environ, "LORAMKIT_NO_PROGRESS": "1"}
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(argv)}")
+    return int(report.read_text()), time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "_work")
+    ap.add_argument("--ratio", type=float, default=0.5)
+    args = ap.parse_args()
+    work = args.workdir
+    py = sys.executable
+    base = work / "llama-3.2-1b-shape"
+    if not (base / "config.json").exists():
+        print("writing the base checkpoint ...", flush=True)
+        write_base(base, LLAMA_32_1B)
+    size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    largest_tensor = 2 * max(torch.Size(s).numel() for _, s in tensor_specs(LLAMA_32_1B))
+    bundle = work / "bundle"
+    floor, _ = peak_rss_of([py, "-c", "import loramkit.prune.pruner, loramkit.recover.merge, transformers, peft"])
+    prune_rss, prune_s = peak_rss_of(
+        [py, "-m", "loramkit", "prune", str(base), "--out", str(bundle), "--ratio", str(args.ratio), "--overwrite"]
+    )
+    # A full-size adapter for the merge: LoRA r=8 on every projection, from a recovery of the pruned shapes.
+    adapter = work / "adapter"
+    subprocess.run([py, str(Path(__file__).with_name("_make_adapter.py")), str(bundle), str(adapter)], check=True)
+    merged, recovered = work / "merged", work / "recovered"
+    merge_rss, merge_s = peak_rss_of(
+        [py, "-m", "loramkit", "recover", str(adapter), "--out", str(recovered), "--bundle", str(bundle),
+         "--merge", "--base", str(base), "--merged-out", str(merged), "--overwrite"]
+    )  # fmt: skip
+    result = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}",
+        "model": "LLaMA-3.2-1B shape (1.24B params, bf16, random weights)",
+        "model_bytes": size,
+        "largest_tensor_bytes": largest_tensor,
+        "import_floor_rss": floor,
+        "prune": {"ratio": args.ratio, "importance": "magnitude", "peak_rss": prune_rss, "seconds": prune_s},
+        "merge": {"peak_rss": merge_rss, "seconds": merge_s},
+    }
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prune_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    md = [
+        f"# Streaming prune and merge: peak memory ({result['date']}, {result['machine']})",
+        "",
+        f"Model: {result['model']}, {mib(size)} of safetensors; largest tensor (embeddings) {mib(largest_tensor)}.",
+        "",
+        "| step | peak RSS | above import floor | peak / model size | time |",
+        "|---|---|---|---|---|",
+        f"| import floor (loramkit + torch + transformers + peft) | {mib(floor)} | | | |",
+        f"| `loramkit prune --ratio {args.ratio}` (magnitude) | {mib(prune_rss)} | {mib(prune_rss - floor)} | {prune_rss / size:.2f} | {prune_s:.0f} s |",
+        f"| `loramkit recover --merge` (r=8, all projections) | {mib(merge_rss)} | {mib(merge_rss - floor)} | {merge_rss / size:.2f} | {merge_s:.0f} s |",
+    ]
+    (out / "prune_memory.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""``loramkit validate``: every check specs/bundle-v1.md lists, collected rather than stopping at the first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import LoramError
+from ..families.geometry import count_parameters, layer_index_maps, pruned_shape, unit_rows
+from .hashing import config_sha256
+from .manifest import CARD_NAME, MANIFEST_NAME, bundle_id
+from .reader import Bundle
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
+
+
+def _ascending(t: torch.Tensor) -> bool:
+    return bool((t[1:] > t[:-1]).all())
+
+
+def validate(path: str | Path) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the bundle at ``path``; sound when ``problems`` is empty.
+
+    Raises:
+        BundleError: when the manifest itself cannot be read (missing, newer major, bad JSON).
+    """
+    b = Bundle(path)
+    m = b.manifest
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    # Files: listed ones exist and hash right; nothing unlisted that could be loaded as weights.
+    listed = set(m["files"])
+    for rel in sorted(listed):
+        try:
+            b.verify_file(rel)
+        except LoramError as exc:
+            (warnings if rel == CARD_NAME else problems).append(str(exc))
+    for p in sorted(b.path.rglob("*")):
+        rel = p.relative_to(b.path).as_posix()
+        if not p.is_file() or rel == MANIFEST_NAME or rel in listed or any(s.startswith(".") for s in rel.split("/")):
+            continue
+        (problems if p.name.endswith(_WEIGHT_SUFFIXES) else warnings).append(f"{rel}: not listed in the manifest")
+    if bundle_id(m) != m["bundle_id"]:
+        problems.append("bundle_id does not match the manifest's content (edited by hand?)")
+    if problems:  # the rest reads these files; their content cannot be trusted
+        return problems, warnings
+
+    if config_sha256(b.config) != m["base"]["config_sha256"]:
+        problems.append("config.json does not match base.config_sha256")
+    arch = b.arch
+    declared = m["architecture"]
+    for key in ("hidden_size", "num_hidden_layers", "head_dim", "vocab_size", "tie_word_embeddings"):
+        if declared[key] != getattr(arch, key):
+            problems.append(f"architecture.{key} is {declared[key]}, config.json says {getattr(arch, key)}")
+    if declared["family"] != arch.family.name:
+        problems.append(f"architecture.family is {declared['family']}, config.json is {arch.family.name}")
+    layers = b.layers
+    if [d.index for d in layers] != list(range(arch.num_hidden_layers)):
+        return problems + ["architecture.layers must list every layer once, in order"], warnings
+
+    base = m["base"]["tensors"]
+    names = set(base)
+    maps = b.index_maps
+    expected_maps: dict[str, torch.Tensor] = {}
+    G = arch.group_size
+    for d in layers:
+        if d.heads != (arch.num_attention_heads, d.kv_heads[1] * G) or d.kv_heads[0] != arch.num_key_value_heads:
+            problems.append(f"layer {d.index}: head counts break the KV grouping (G={G})")
+            continue
+        if not d.pruned:
+            if (d.kv_heads[1], d.intermediate[1]) != (d.kv_heads[0], d.intermediate[0]):
+                problems.append(f"layer {d.index}: marked unpruned but keeps fewer units")
+            continue
+        k_rows = maps.get(f"{arch.family.module(d.index, 'k')}.weight:0")
+        groups = (k_rows[:: arch.head_dim] // arch.head_dim) if k_rows is not None else torch.arange(d.kv_heads[0])
+        down = maps.get(f"{arch.family.module(d.index, 'down')}.weight:1")
+        channels = down if down is not None else torch.arange(d.intermediate[0])
+        if not (_ascending(groups) and _ascending(channels)):
+            problems.append(f"layer {d.index}: index maps are not strictly ascending")
+            continue
+        if len(groups) != d.kv_heads[1] or len(channels) != d.intermediate[1]:
+            problems.append(f"layer {d.index}: index maps keep {len(groups)} kv heads / {len(channels)} channels, manifest says {d.kv_heads[1]} / {d.intermediate[1]}")
+            continue
+        if k_rows is not None and not torch.equal(k_rows, unit_rows(groups, arch.head_dim)):
+            problems.append(f"layer {d.index}: k rows do not cover whole heads")
+        expected_maps |= layer_index_maps(arch, d.index, groups, channels, names)
+    for key in sorted(set(maps) | set(expected_maps)):
+        got, want = maps.get(key), expected_maps.get(key)
+        if got is None:
+            problems.append(f"index map {key} is missing")
+        elif want is None:
+            problems.append(f"index map {key} is unexpected (no pruned dimension there)")
+        elif got.dtype != torch.int64 or got.dim() != 1:
+            problems.append(f"index map {key} must be a 1-D int64 tensor")
+        elif not torch.equal(got, want):
+            problems.append(f"index map {key} is inconsistent with its coupled group (or not strictly ascending)")
+    for key, t in maps.items():
+        tensor, dim = key.rsplit(":", 1)
+        if tensor in base and t.numel() and (t.min() < 0 or t.max() >= base[tensor]["shape"][int(dim)]):
+            problems.append(f"index map {key} points outside {tensor}")
+
+    with b.weights() as ckpt:
+        stored = set(ckpt.names())
+        for n in sorted(names - stored):
+            problems.append(f"weights lack {n}")
+        for n in sorted(stored - names):
+            problems.append(f"weights hold {n}, which the base does not have")
+        numel = 0
+        for n in sorted(stored & names):
+            info = ckpt.info(n)
+            numel += info.numel
+            want_shape = pruned_shape(tuple(base[n]["shape"]), n, expected_maps)
+            if info.shape != want_shape or info.dtype != base[n]["dtype"]:
+                problems.append(f"{n}: stored {info.dtype}{list(info.shape)}, expected {base[n]['dtype']}{list(want_shape)}")
+    if numel != m["parameters"]["pruned"]:
+        problems.append(f"parameters.pruned is {m['parameters']['pruned']:,}, the weights hold {numel:,}")
+    if count_parameters(arch, layers) != m["parameters"]["pruned"]:
+        warnings.append("parameters.pruned differs from the count implied by the architecture (extra tensors?)")
+    if sum(torch.Size(t["shape"]).numel() for t in base.values()) != m["parameters"]["original"]:
+        problems.append("parameters.original does not match base.tensors")
+    return problems, warnings

@@ -1,0 +1,57 @@
+"""The ``loramkit`` command: a thin Typer layer that parses, calls the library, and prints.
+
+User errors (:class:`~loramkit.errors.LoramError`) print as one line on stderr with exit
+code 1; usage errors exit 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import click
+import typer
+
+from ..errors import LoramError
+from . import demo, inspect, prune, recover, validate
+
+app = typer.Typer(
+    name="loramkit",
+    help="LoRAM: train LoRA on a pruned model, deploy it on the original.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+for module in (prune, inspect, validate, recover, demo):
+    module.register(app)
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars only; library deprecation chatter is not the user's business."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' per-load bars
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv``; returns the exit code instead of exiting."""
+    _quiet_libraries()
+    try:
+        rv = app(args=argv, prog_name="loramkit", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("interrupted; no output was written", file=sys.stderr)
+        return 130
+    except LoramError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return rv if isinstance(rv, int) else 0
+
+
+def main() -> None:
+    sys.exit(run())

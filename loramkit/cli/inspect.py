@@ -1,0 +1,73 @@
+"""loramkit inspect BUNDLE [--json]"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ._common import console
+
+
+def summary(path: Path) -> dict[str, Any]:
+    """What is inside a bundle, from its manifest and the bytes on disk."""
+    from ..bundle import Bundle
+
+    b = Bundle(path)
+    m = b.manifest
+    weights = m["weights"]["files"]
+    on_disk = {rel: e["size"] for rel, e in m["files"].items()}
+    return {
+        "path": str(b.path),
+        "bundle_id": m["bundle_id"],
+        "format_version": m["format_version"],
+        "created_by": m["created_by"],
+        "base": {k: m["base"][k] for k in ("name_or_path", "revision", "dtype")},
+        "architecture": {k: v for k, v in m["architecture"].items() if k != "layers"},
+        "pruning": m["pruning"],
+        "quantization": m["quantization"],
+        "alignment": m["alignment"],
+        "parameters": m["parameters"],
+        "bytes": {"weights": sum(on_disk.get(f, 0) for f in weights), "total": sum(on_disk.values())},
+        "layers": m["architecture"]["layers"],
+    }
+
+
+def _kept(d: dict[str, int]) -> str:
+    return str(d["original"]) if d["kept"] == d["original"] else f"{d['kept']}/{d['original']}"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("inspect")
+    def inspect_cmd(
+        bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    ) -> None:
+        """Show what a bundle holds: base, dims per layer, parameters, bytes on disk."""
+        s = summary(bundle)
+        if as_json:
+            print(json.dumps(s, indent=2))
+            return
+        p, a, pr = s["parameters"], s["architecture"], s["pruning"]
+        head = Table(show_header=False, box=None, pad_edge=False)
+        head.add_row("bundle", f"{s['path']}  (format {s['format_version']}, {s['created_by']})")
+        head.add_row("id", s["bundle_id"])
+        rev = f"@{s['base']['revision']}" if s["base"]["revision"] else ""
+        head.add_row("base", f"{s['base']['name_or_path']}{rev}  [{a['architecture']}, {s['base']['dtype']}]")
+        head.add_row("pruning", f"{pr['strategy']}, {pr['importance']}, ratio {pr['ratio']}, seed {pr['seed']}, "
+                     f"keep first {pr['keep_first']} / last {pr['keep_last']}")  # fmt: skip
+        head.add_row("parameters", f"{p['original']:,} -> {p['pruned']:,}  ({p['original'] / p['pruned']:.2f}x fewer)")
+        head.add_row("on disk", f"weights {s['bytes']['weights'] / 2**20:,.1f} MiB, total {s['bytes']['total'] / 2**20:,.1f} MiB")
+        head.add_row("quantization", "none (16/32-bit weights)" if s["quantization"] is None else json.dumps(s["quantization"]))
+        head.add_row("alignment", "none" if s["alignment"] is None else json.dumps(s["alignment"]))
+        console.print(head)
+        layers = Table(title="layers (kept/original)")
+        for col in ("layer", "pruned", "heads", "kv heads", "intermediate"):
+            layers.add_column(col, justify="right")
+        for d in s["layers"]:
+            layers.add_row(str(d["index"]), "yes" if d["pruned"] else "", _kept(d["num_attention_heads"]),
+                           _kept(d["num_key_value_heads"]), _kept(d["intermediate_size"]))  # fmt: skip
+        console.print(layers)

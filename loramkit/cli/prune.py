@@ -1,0 +1,44 @@
+"""loramkit prune BASE --out BUNDLE --ratio R"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("prune")
+    def prune_cmd(
+        base: Annotated[Path, typer.Argument(help="Base model directory (config.json + safetensors).")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")],
+        ratio: Annotated[float, typer.Option(help="Fraction of heads/channels removed per pruned layer, in [0, 1).")],
+        importance: Annotated[str, typer.Option(help="random (LoRAM-Rand) | magnitude | taylor (LoRAM-Stru).")] = "magnitude",
+        calibration: Annotated[Optional[Path], typer.Option(help="Calibration texts for taylor (.txt or .jsonl).")] = None,
+        keep_first: Annotated[Optional[int], typer.Option(help="Layers left intact at the start [default: 4, fewer when shallow].")] = None,
+        keep_last: Annotated[Optional[int], typer.Option(help="Layers left intact at the end [default: 2, fewer when shallow].")] = None,
+        seed: Annotated[int, typer.Option(help="Seed for random importance.")] = 0,
+        device: Annotated[str, typer.Option(help="Device for taylor gradients.")] = "cpu",
+        max_shard_size: Annotated[str, typer.Option(help="Shard the pruned weights above this size.")] = "2GB",
+        base_name: Annotated[Optional[str], typer.Option(help="Base identity to record (e.g. its Hub repo id) [default: its path].")] = None,
+        base_revision: Annotated[Optional[str], typer.Option(help="Base commit to record, when known.")] = None,
+        overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    ) -> None:
+        """Prune a base model into a LoRAM bundle (streaming; memory near one tensor)."""
+        from ..prune.pruner import prune
+
+        m = prune(
+            base, out, ratio,
+            importance=importance, calibration=calibration, keep_first=keep_first, keep_last=keep_last,
+            seed=seed, device=device, max_shard_size=max_shard_size, base_name=base_name,
+            base_revision=base_revision, overwrite=overwrite,
+        )  # fmt: skip
+        p, pl = m["parameters"], m["pruning"]["pruned_layers"]
+        layers = f"layers {pl[0]}-{pl[-1]} pruned" if pl else "no layer pruned"
+        console.print(
+            f"wrote {out}: {p['original']:,} -> {p['pruned']:,} parameters ({p['pruned'] / p['original']:.1%}), "
+            f"{layers}; bundle {m['bundle_id']}"
+        )

@@ -1,0 +1,27 @@
+"""loramkit validate BUNDLE"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import console, err
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("validate")
+    def validate_cmd(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> None:
+        """Check schema, hashes, shapes and index maps; exit 0 only when the bundle is sound."""
+        from ..bundle.validate import validate
+
+        problems, warnings = validate(bundle)
+        for w in warnings:
+            err.print(f"warning: {w}")
+        for p in problems:
+            err.print(f"problem: {p}")
+        if problems:
+            err.print(f"error: {bundle} is not a sound bundle ({len(problems)} problem(s))")
+            raise typer.Exit(1)
+        console.print(f"{bundle}: sound")

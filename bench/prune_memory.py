@@ -121,6 +121,7 @@ def main() -> None:
         write_base(base, LLAMA_32_1B)
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     largest_tensor = 2 * max(torch.Size(s).numel() for _, s in tensor_specs(LLAMA_32_1B))
+    largest_projection = 2 * max(torch.Size(s).numel() for n, s in tensor_specs(LLAMA_32_1B) if "layers." in n)
     bundle = work / "bundle"
     floor, _ = peak_rss_of([py, "-c", "import loramkit.prune.pruner, loramkit.recover.merge, transformers, peft"])
     prune_rss, prune_s = peak_rss_of(
@@ -140,6 +141,7 @@ def main() -> None:
         "model": "LLaMA-3.2-1B shape (1.24B params, bf16, random weights)",
         "model_bytes": size,
         "largest_tensor_bytes": largest_tensor,
+        "largest_projection_bytes": largest_projection,
         "import_floor_rss": floor,
         "prune": {"ratio": args.ratio, "importance": "magnitude", "peak_rss": prune_rss, "seconds": prune_s},
         "merge": {"peak_rss": merge_rss, "seconds": merge_s},
@@ -151,7 +153,8 @@ def main() -> None:
     md = [
         f"# Streaming prune and merge: peak memory ({result['date']}, {result['machine']})",
         "",
-        f"Model: {result['model']}, {mib(size)} of safetensors; largest tensor (embeddings) {mib(largest_tensor)}.",
+        f"Model: {result['model']}, {mib(size)} of safetensors; largest tensor (embeddings) {mib(largest_tensor)}, "
+        f"largest projection {mib(largest_projection)}.",
         "",
         "| step | peak RSS | above import floor | peak / model size | time |",
         "|---|---|---|---|---|",

@@ -355,11 +355,18 @@ def test_independent_count_matches_transformers(name):
 
 @pytest.mark.parametrize("name", list(REF))
 def test_package_count_parameters_agrees(name):
-    geometry = pytest.importorskip("loramkit.families.geometry")
-    if not hasattr(geometry, "count_parameters"):
-        pytest.skip("loramkit has no count_parameters helper (proposed: loramkit.families.geometry)")
+    from loramkit.families.geometry import count_parameters
+
     arch = ArchSpec.from_config(_config(name))
     qkv_bias, qk_norm = REF[name]
     for ratio in (0.0, 0.5, 0.65, 0.75, 0.85):
         layers, _ = plan_layers(arch, ratio)
-        assert geometry.count_parameters(arch, layers) == count_params(arch, layers, qkv_bias=qkv_bias, qk_norm=qk_norm)
+        assert count_parameters(arch, layers) == count_params(arch, layers, qkv_bias=qkv_bias, qk_norm=qk_norm)
+
+
+def test_package_count_parameters_paper_numbers():
+    from loramkit.families.geometry import count_parameters
+
+    arch = ArchSpec.from_config(_config("llama-3.1-70b"))
+    assert count_parameters(arch, plan_layers(arch, 0.0)[0]) == 70_553_706_496
+    assert count_parameters(arch, plan_layers(arch, 0.85)[0]) == 17_849_982_976

@@ -16,8 +16,6 @@ Every adapter here is made by PEFT itself (``get_peft_model(load_pruned_model(bu
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
@@ -38,7 +36,6 @@ from tests.lora_helpers import (
     expected_lora_state,
     ids,
     listing,
-    load_base,
     load_state,
     lora_delta,
     peft_on_base,
@@ -232,6 +229,21 @@ def test_lm_head_and_embedding_lora_pass_through(shop):
     assert_loads_cleanly(base, adapter, out)
 
 
+def test_lm_head_lora_on_tied_embeddings_passes_through(shop):
+    """With tied embeddings the base stores no ``lm_head.weight``, but lm_head is still a module
+    PEFT adapts (it warns about ``ensure_weight_tying``, nothing else); it is never pruned."""
+    case = "llama_tied"
+    base, bundle = shop.base(case), shop.bundle(case)
+    adapter = shop.adapter(bundle, target_modules=["q_proj", "lm_head"], save_kw={"save_embedding_layers": False})
+    _, small = read_adapter(adapter)
+    assert "base_model.model.lm_head.lora_B.weight" in small
+    out = shop.recovered(adapter, bundle)
+    _, full = read_adapter(out)
+    for k in ("base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight"):
+        assert full[k].numpy().tobytes() == small[k].numpy().tobytes(), k
+    assert {k: tuple(v.shape) for k, v in full.items()} == expected_lora_state(base, adapter)
+
+
 def test_embedding_target_saved_with_peft_defaults(shop, tmp_path):
     """PEFT's default save of an embedding-targeting adapter also stores the (unpruned) embedding
     and lm_head weights (``save_embedding_layers`` turns itself on). Recovery must either produce
@@ -359,15 +371,19 @@ def test_refuses_adapter_trained_on_the_full_base(shop, tmp_path):
     from peft import LoraConfig
 
     base, bundle = shop.base("qwen3"), shop.bundle("qwen3")
-    adapter = shop.full_adapter(base, LoraConfig(**LORA_KW))
-    assert read_adapter(adapter)[0]["base_model_name_or_path"] == Bundle(bundle).base["name_or_path"]
+    adapter = copy_dir(shop.full_adapter(base, LoraConfig(**LORA_KW)), tmp_path / "adapter")
+    # PEFT records the path the base was loaded from; the bundle records the base it was pruned from.
+    assert Path(read_adapter(adapter)[0]["base_model_name_or_path"]).resolve() == base.resolve()
+    edit_config(adapter, base_model_name_or_path=Bundle(bundle).base["name_or_path"])
     refused(tmp_path / "a", lambda out: recover_adapter(adapter, out, bundle), AdapterError, "full base")
     # The name spelled another way (a symlink to the base): still refused, by the shapes.
     link = tmp_path / "base-link"
     link.symlink_to(base, target_is_directory=True)
-    other = copy_dir(adapter, tmp_path / "adapter")
-    edit_config(other, base_model_name_or_path=str(link))
-    refused(tmp_path / "b", lambda out: recover_adapter(other, out, bundle), AdapterError)
+    edit_config(adapter, base_model_name_or_path=str(link))
+    refused(tmp_path / "b", lambda out: recover_adapter(adapter, out, bundle), AdapterError)
+    # An already recovered adapter is a full-base adapter too: recovering it twice is refused.
+    again = shop.recovered(shop.adapter(bundle), bundle)
+    refused(tmp_path / "c", lambda out: recover_adapter(again, out, bundle), AdapterError, "full base")
 
 
 def test_refuses_missing_adapter_files(shop, tmp_path):

@@ -333,3 +333,46 @@ def test_failed_reader_leaves_no_unraisable_errors(tmp_path, monkeypatch):
             SafetensorsReader(tmp_path / f"missing{i}.safetensors")
     gc.collect()
     assert seen == []  # __del__ of a half-built reader must not raise
+
+
+# ----------------------------------------------------------------------------- chunked copy
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 8, 64, 1 << 20])
+def test_reader_chunks_reassemble_the_tensor(tmp_path, chunk):
+    ts = _tensors()
+    p = tmp_path / "c.safetensors"
+    save_file(ts, str(p))
+    with SafetensorsReader(p) as r:
+        for n, t in ts.items():
+            data = b"".join(bytes(piece) for piece in r.chunks(n, chunk))
+            assert data == _bits(t), n
+
+
+def test_writer_copy_from_reader(tmp_path):
+    ts = _tensors()
+    src = tmp_path / "src.safetensors"
+    save_file(ts, str(src))
+    dst = tmp_path / "dst.safetensors"
+    order = ["e.empty", "c.i64", "a.f32", "d.scalar", "b.bf16", "f.f16", "g.i64_empty"]
+    w = StreamingWriter(dst, [(n, _CODE[ts[n].dtype], tuple(ts[n].shape)) for n in order], {"format": "pt"})
+    with SafetensorsReader(src) as r:
+        for n in order:
+            h = hashlib.sha256()
+            w.copy_from(r, n, h.update)
+            assert h.hexdigest() == tensor_sha256(ts[n]), n
+    digest = w.close()
+    assert digest == hashlib.sha256(dst.read_bytes()).hexdigest()
+    back = load_file(str(dst))
+    for n, t in ts.items():
+        assert _same(back[n], t), n
+
+
+def test_writer_copy_from_refuses_wrong_tensor(tmp_path):
+    ts = _tensors()
+    src = tmp_path / "src.safetensors"
+    save_file(ts, str(src))
+    w = StreamingWriter(tmp_path / "dst.safetensors", [("a.f32", "F32", (7, 5))])  # transposed shape
+    with SafetensorsReader(src) as r, pytest.raises(RuntimeError, match="expected a.f32"):
+        w.copy_from(r, "a.f32")
+    w.abort()

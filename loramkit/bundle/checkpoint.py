@@ -80,6 +80,9 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         return self.readers[self.where[name]].get(name)
 
+    def reader_of(self, name: str) -> SafetensorsReader:
+        return self.readers[self.where[name]]
+
     def close(self) -> None:
         for r in self.readers.values():
             r.close()

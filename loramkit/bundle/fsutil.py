@@ -30,7 +30,10 @@ def staged_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
             old = out.parent / f".{out.name}.old-{tag}"
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
         else:
             os.replace(tmp, out)
     finally:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BundleError
-from .fsutil import read_json
 from .hashing import canonical_json
 
 FORMAT = "loram-bundle"
@@ -87,15 +86,49 @@ def check_version(manifest: dict[str, Any], where: Path | str) -> dict[str, Any]
     return manifest
 
 
-def load_manifest(bundle_dir: Path) -> dict[str, Any]:
-    """Read, version-check and schema-check a bundle's manifest."""
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"duplicate key {dupes[0]!r}")
+    return dict(pairs)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard constant {name}")
+
+
+def _parse_strict(path: Path) -> dict[str, Any]:
+    """loram.json as the spec reads it: no duplicate keys, no NaN/Infinity, at most 64 MiB."""
+    if path.stat().st_size > 64 * 2**20:
+        raise BundleError(f"{path}: larger than 64 MiB; not a LoRAM manifest")
+    try:
+        data = json.loads(
+            path.read_bytes().decode("utf-8"), object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+        )
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: manifest is not valid JSON ({exc}); re-create or re-download the bundle") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: manifest must be a JSON object")
+    return data
+
+
+def load_manifest(bundle_dir: Path, check_id: bool = True) -> dict[str, Any]:
+    """Read, version-check and schema-check a bundle's manifest, and check its bundle_id."""
     path = bundle_dir / MANIFEST_NAME
     if not bundle_dir.is_dir():
         raise BundleError(f"{bundle_dir}: no such bundle directory")
     if not path.exists():
         raise BundleError(f"{bundle_dir}: not a LoRAM bundle (no {MANIFEST_NAME}); create one with `loramkit prune`")
-    manifest = check_version(read_json(path, MANIFEST_NAME, BundleError), path)
+    manifest = check_version(_parse_strict(path), path)
     problems = schema_errors(manifest)
     if problems:
         raise BundleError(f"{path}: manifest does not follow the bundle schema: {problems[0]}")
+    from ..families import FAMILIES  # spec 3.3: refuse a family this reader does not implement
+
+    if manifest["architecture"]["family"] not in FAMILIES:
+        family = manifest["architecture"]["family"]
+        raise BundleError(f"{path}: model family {family!r} is not implemented by this loramkit; upgrade loramkit")
+    if check_id and bundle_id(manifest) != manifest["bundle_id"]:
+        raise BundleError(f"{path}: bundle_id does not match the manifest's content (edited by hand?); re-create the bundle")
     return manifest

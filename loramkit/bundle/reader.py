@@ -20,9 +20,9 @@ from .manifest import load_manifest
 class Bundle:
     """A LoRAM bundle directory. Files are verified against their sha256 when first used."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, check_id: bool = True):
         self.path = Path(path)
-        self.manifest: dict[str, Any] = load_manifest(self.path)
+        self.manifest: dict[str, Any] = load_manifest(self.path, check_id)
         self._verified: set[str] = set()
 
     @property

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,22 +115,33 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self.tensors)
 
+    def _read_into(self, view: memoryview, offset: int) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n == 0:
+                raise BundleError(f"{self.path}: unexpected end of file (truncated while in use?)")
+            done += n
+
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh memory (no mapping of the file)."""
         info = self.tensors[name]
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        buf = bytearray(info.nbytes)
-        view = memoryview(buf)
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(self._fd, [view[done:]], info.start + done)
-            if n == 0:
-                raise BundleError(f"{self.path}: unexpected end of file reading {name!r}")
-            done += n
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        buf = bytearray(info.nbytes)
+        self._read_into(memoryview(buf), info.start)
         return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+
+    def chunks(self, name: str, chunk_bytes: int = 64 << 20) -> Iterator[memoryview]:
+        """A tensor's raw bytes in pieces, for copying a tensor without holding it whole."""
+        info = self.tensors[name]
+        buf = memoryview(bytearray(min(chunk_bytes, info.nbytes)))
+        for start in range(info.start, info.end, len(buf) or 1):
+            piece = buf[: min(len(buf), info.end - start)]
+            self._read_into(piece, start)
+            yield piece
 
     def close(self) -> None:
         if self._fd is not None:
@@ -196,14 +207,24 @@ class StreamingWriter:
         self._hash.update(data)
         self._file.write(data)
 
+    def _expect(self, name: str, dtype: str | None, shape: tuple[int, ...]) -> None:
+        want_name, want_dtype, want_shape = self._order[self._next]
+        if (name, dtype, tuple(shape)) != (want_name, want_dtype, want_shape):
+            raise RuntimeError(f"writer expected {want_name} {want_dtype}{list(want_shape)}, got {name} {dtype}{list(shape)}")
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        want_name, dtype, shape = self._order[self._next]
-        if name != want_name or DTYPE_NAMES.get(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
-            raise RuntimeError(
-                f"writer expected {want_name} {dtype}{list(shape)}, got {name} "
-                f"{DTYPE_NAMES.get(tensor.dtype)}{list(tensor.shape)}"
-            )
+        self._expect(name, DTYPE_NAMES.get(tensor.dtype), tuple(tensor.shape))
         self._emit(tensor_bytes(tensor.cpu()))
+        self._next += 1
+
+    def copy_from(self, reader: SafetensorsReader, name: str, on_chunk: Callable[[memoryview], None] | None = None) -> None:
+        """Copy a tensor unchanged from ``reader`` in chunks; ``on_chunk`` sees each (for hashing)."""
+        info = reader.tensors[name]
+        self._expect(name, info.dtype, info.shape)
+        for piece in reader.chunks(name):
+            if on_chunk is not None:
+                on_chunk(piece)
+            self._emit(piece)
         self._next += 1
 
     def close(self) -> str:

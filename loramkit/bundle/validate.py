@@ -7,12 +7,42 @@ from pathlib import Path
 import torch
 
 from ..errors import LoramError
-from ..families.geometry import count_parameters, layer_index_maps, pruned_shape, unit_rows
+from ..families import ArchSpec
+from ..families.geometry import LayerDims, count_parameters, layer_index_maps, pruned_shape, unit_rows
 from .hashing import config_sha256
 from .manifest import CARD_NAME, MANIFEST_NAME, bundle_id
 from .reader import Bundle
+from .safetensors_io import tensor_sha256
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf", ".h5", ".msgpack", ".onnx")  # spec 9.4
+
+
+def _check_pruning_record(
+    m: dict, arch: ArchSpec, layers: list[LayerDims], problems: list[str], warnings: list[str]
+) -> None:
+    """Per-layer dims must be what the recorded ratio, rounding rule and intact layers give."""
+    from ..prune.importance import IMPORTANCE_KINDS  # the counting rule is part of the format
+    from ..prune.plan import ROUNDING_RULES, plan_layers
+
+    pr = m["pruning"]
+    if pr["importance"] not in IMPORTANCE_KINDS:
+        warnings.append(f"pruning.importance {pr['importance']!r} is unknown to this loramkit")
+    if pr["pruned_layers"] != [d.index for d in layers if d.pruned]:
+        problems.append("pruning.pruned_layers does not list exactly the layers marked pruned")
+    if pr["rounding"] not in ROUNDING_RULES:
+        warnings.append(f"pruning.rounding {pr['rounding']!r} is unknown; kept counts not checked")
+        return
+    try:
+        want, _ = plan_layers(arch, pr["ratio"], pr["keep_first"], pr["keep_last"])
+    except LoramError as exc:
+        problems.append(f"pruning record: {exc}")
+        return
+    for got, expected in zip(layers, want):
+        if got != expected:
+            problems.append(
+                f"layer {got.index}: dims {got.to_json()} do not follow the pruning record "
+                f"(ratio {pr['ratio']}, keep {pr['keep_first']}/{pr['keep_last']}): expected {expected.to_json()}"
+            )
 
 
 def _ascending(t: torch.Tensor) -> bool:
@@ -25,7 +55,7 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
     Raises:
         BundleError: when the manifest itself cannot be read (missing, newer major, bad JSON).
     """
-    b = Bundle(path)
+    b = Bundle(path, check_id=False)  # a wrong id is one problem among others here
     m = b.manifest
     problems: list[str] = []
     warnings: list[str] = []
@@ -51,7 +81,7 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
         problems.append("config.json does not match base.config_sha256")
     arch = b.arch
     declared = m["architecture"]
-    for key in ("hidden_size", "num_hidden_layers", "head_dim", "vocab_size", "tie_word_embeddings"):
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "head_dim", "vocab_size", "tie_word_embeddings"):
         if declared[key] != getattr(arch, key):
             problems.append(f"architecture.{key} is {declared[key]}, config.json says {getattr(arch, key)}")
     if declared["family"] != arch.family.name:
@@ -59,6 +89,11 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
     layers = b.layers
     if [d.index for d in layers] != list(range(arch.num_hidden_layers)):
         return problems + ["architecture.layers must list every layer once, in order"], warnings
+    _check_pruning_record(m, arch, layers, problems, warnings)
+    if m["weights"]["dtype"] != m["base"]["dtype"]:
+        problems.append(f"weights.dtype is {m['weights']['dtype']}, base.dtype is {m['base']['dtype']}")
+    if m["base"]["num_parameters"] != m["parameters"]["original"]:
+        problems.append("base.num_parameters differs from parameters.original")
 
     base = m["base"]["tensors"]
     names = set(base)
@@ -101,6 +136,7 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
         if tensor in base and t.numel() and (t.min() < 0 or t.max() >= base[tensor]["shape"][int(dim)]):
             problems.append(f"index map {key} points outside {tensor}")
 
+    unchanged_from_base = m.get("alignment") is None  # alignment retrains every weight
     with b.weights() as ckpt:
         stored = set(ckpt.names())
         for n in sorted(names - stored):
@@ -114,6 +150,9 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
             want_shape = pruned_shape(tuple(base[n]["shape"]), n, expected_maps)
             if info.shape != want_shape or info.dtype != base[n]["dtype"]:
                 problems.append(f"{n}: stored {info.dtype}{list(info.shape)}, expected {base[n]['dtype']}{list(want_shape)}")
+            elif unchanged_from_base and want_shape == tuple(base[n]["shape"]):
+                if tensor_sha256(ckpt.get(n)) != base[n]["sha256"]:
+                    problems.append(f"{n}: not pruned, yet differs from the base tensor it copies")
     if numel != m["parameters"]["pruned"]:
         problems.append(f"parameters.pruned is {m['parameters']['pruned']:,}, the weights hold {numel:,}")
     if count_parameters(arch, layers) != m["parameters"]["pruned"]:

@@ -13,6 +13,11 @@ import warnings
 import click
 import typer
 
+try:  # recent typer vendors click (typer._click) and raises those exceptions, not click's
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as _cx
+
 from ..errors import LoramError
 from . import demo, inspect, prune, recover, validate
 
@@ -39,12 +44,12 @@ def run(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         rv = app(args=argv, prog_name="loramkit", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except (click.ClickException, _cx.ClickException) as exc:
         exc.show()
         return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         print("interrupted; no output was written", file=sys.stderr)
         return 130
     except LoramError as exc:

@@ -52,18 +52,19 @@ def register(app: typer.Typer) -> None:
             print(json.dumps(s, indent=2))
             return
         p, a, pr = s["parameters"], s["architecture"], s["pruning"]
-        head = Table(show_header=False, box=None, pad_edge=False)
-        head.add_row("bundle", f"{s['path']}  (format {s['format_version']}, {s['created_by']})")
-        head.add_row("id", s["bundle_id"])
+        head: list[tuple[str, str]] = []  # plain lines, not a Table: long paths and ids are never cut
+        head.append(("bundle", f"{s['path']}  (format {s['format_version']}, {s['created_by']})"))
+        head.append(("id", s["bundle_id"]))
         rev = f"@{s['base']['revision']}" if s["base"]["revision"] else ""
-        head.add_row("base", f"{s['base']['name_or_path']}{rev}  [{a['architecture']}, {s['base']['dtype']}]")
-        head.add_row("pruning", f"{pr['strategy']}, {pr['importance']}, ratio {pr['ratio']}, seed {pr['seed']}, "
-                     f"keep first {pr['keep_first']} / last {pr['keep_last']}")  # fmt: skip
-        head.add_row("parameters", f"{p['original']:,} -> {p['pruned']:,}  ({p['original'] / p['pruned']:.2f}x fewer)")
-        head.add_row("on disk", f"weights {s['bytes']['weights'] / 2**20:,.1f} MiB, total {s['bytes']['total'] / 2**20:,.1f} MiB")
-        head.add_row("quantization", "none (16/32-bit weights)" if s["quantization"] is None else json.dumps(s["quantization"]))
-        head.add_row("alignment", "none" if s["alignment"] is None else json.dumps(s["alignment"]))
-        console.print(head)
+        head.append(("base", f"{s['base']['name_or_path']}{rev}  [{a['architecture']}, {s['base']['dtype']}]"))
+        head.append(("pruning", f"{pr['strategy']}, {pr['importance']}, ratio {pr['ratio']}, seed {pr['seed']}, "
+                     f"keep first {pr['keep_first']} / last {pr['keep_last']}"))  # fmt: skip
+        head.append(("parameters", f"{p['original']:,} -> {p['pruned']:,}  ({p['original'] / p['pruned']:.2f}x fewer)"))
+        head.append(("on disk", f"weights {s['bytes']['weights'] / 2**20:,.1f} MiB, total {s['bytes']['total'] / 2**20:,.1f} MiB"))
+        head.append(("quantization", "none (16/32-bit weights)" if s["quantization"] is None else json.dumps(s["quantization"])))
+        head.append(("alignment", "none" if s["alignment"] is None else json.dumps(s["alignment"])))
+        for key, value in head:
+            console.print(f"{key:<13} {value}")
         layers = Table(title="layers (kept/original)")
         for col in ("layer", "pruned", "heads", "kv heads", "intermediate"):
             layers.add_column(col, justify="right")

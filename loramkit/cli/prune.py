@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import LoramError
 from ._common import console
 
 
@@ -20,16 +21,21 @@ def register(app: typer.Typer) -> None:
         calibration: Annotated[Optional[Path], typer.Option(help="Calibration texts for taylor (.txt or .jsonl).")] = None,
         keep_first: Annotated[Optional[int], typer.Option(help="Layers left intact at the start [default: 4, fewer when shallow].")] = None,
         keep_last: Annotated[Optional[int], typer.Option(help="Layers left intact at the end [default: 2, fewer when shallow].")] = None,
-        seed: Annotated[int, typer.Option(help="Seed for random importance.")] = 0,
+        seed: Annotated[int, typer.Option(min=0, help="Seed for random importance.")] = 0,
         device: Annotated[str, typer.Option(help="Device for taylor gradients.")] = "cpu",
-        max_shard_size: Annotated[str, typer.Option(help="Shard the pruned weights above this size.")] = "2GB",
+        max_shard_size: Annotated[str, typer.Option(help="Shard the pruned weights above this size.")] = "2GiB",
         base_name: Annotated[Optional[str], typer.Option(help="Base identity to record (e.g. its Hub repo id) [default: its path].")] = None,
         base_revision: Annotated[Optional[str], typer.Option(help="Base commit to record, when known.")] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     ) -> None:
         """Prune a base model into a LoRAM bundle (streaming; memory near one tensor)."""
+        from ..bundle.checkpoint import parse_size
         from ..prune.pruner import prune
 
+        try:
+            parse_size(max_shard_size)
+        except ValueError:
+            raise LoramError(f"--max-shard-size {max_shard_size!r} is not a size; use e.g. 2GiB, 500MB or a byte count") from None
         m = prune(
             base, out, ratio,
             importance=importance, calibration=calibration, keep_first=keep_first, keep_last=keep_last,

@@ -14,6 +14,7 @@ def register(app: typer.Typer) -> None:
     @app.command("validate")
     def validate_cmd(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> None:
         """Check schema, hashes, shapes and index maps; exit 0 only when the bundle is sound."""
+        from ..bundle.manifest import load_manifest
         from ..bundle.validate import validate
 
         problems, warnings = validate(bundle)
@@ -24,4 +25,5 @@ def register(app: typer.Typer) -> None:
         if problems:
             err.print(f"error: {bundle} is not a sound bundle ({len(problems)} problem(s))")
             raise typer.Exit(1)
-        console.print(f"{bundle}: sound")
+        m = load_manifest(bundle)  # spec section 9: report the format version and bundle_id
+        console.print(f"{bundle}: sound (format {m['format_version']}, {m['bundle_id']})")

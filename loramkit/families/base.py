@@ -44,6 +44,8 @@ class Family:
     # Roles that always carry a bias (Qwen2 q/k/v); others follow config's attention_bias / mlp_bias.
     bias_roles: tuple[Role, ...] = ()
     layers_prefix: str = "model.layers"
+    embeddings: str = "model.embed_tokens"
+    lm_head: str = "lm_head"  # shares the embeddings' weight when tie_word_embeddings
 
     def module(self, layer: int, role: Role) -> str:
         """Full module path, e.g. ``model.layers.7.self_attn.q_proj``."""

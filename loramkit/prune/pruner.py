@@ -1,13 +1,15 @@
 """Structured pruning of a base checkpoint into a bundle, streaming tensor by tensor.
 
-Peak memory for ``random`` and ``magnitude`` is about one tensor of the base (plus its
-slice): each pruned layer is read twice, once to score its units and once to slice,
-and the second read comes from the page cache. ``taylor`` first loads the model to get
+Peak memory for ``random`` and ``magnitude`` is about one pruned projection of the base
+(plus its slice): each pruned layer is read twice, once to score its units and once to
+slice, and the second read comes from the page cache. Tensors that are not sliced
+(embeddings, norms, unpruned layers) are copied in 64 MiB chunks. ``taylor`` first loads the model to get
 gradients (see :mod:`loramkit.prune.taylor`), frees it, then streams the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,10 @@ from ..bundle.hashing import config_sha256
 from ..bundle.manifest import INDEX_MAPS_NAME
 from ..bundle.safetensors_io import DTYPE_NAMES, DTYPES, StreamingWriter, nbytes_of, tensor_sha256
 from ..bundle.writer import copy_base_files, finalize, new_manifest
-from ..errors import BaseModelError, LoramError
+from ..errors import BaseModelError, LoramError, OutputExistsError
 from ..families import ArchSpec
 from .. import progress
+from .._memory import return_large_blocks_to_os
 from ..families.geometry import LayerDims, layer_index_maps, pruned_shape, slice_tensor
 from .plan import plan_layers
 from .importance import IMPORTANCE_KINDS, group_scores, random_units, top_units
@@ -61,7 +64,7 @@ def prune(
     calibration_samples: int = 32,
     calibration_seq_len: int = 256,
     device: str = "cpu",
-    max_shard_size: str | int = "2GB",
+    max_shard_size: str | int = "2GiB",
     base_name: str | None = None,
     base_revision: str | None = None,
     overwrite: bool = False,
@@ -81,11 +84,16 @@ def prune(
     Raises:
         LoramError: bad arguments or a base that cannot be pruned; nothing is written.
     """
+    return_large_blocks_to_os()
     base_dir = Path(base_dir)
     if importance not in IMPORTANCE_KINDS:
         raise LoramError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCE_KINDS)}")
+    if seed < 0:
+        raise LoramError(f"seed must be a non-negative integer, got {seed}")
     if importance == "taylor" and calibration is None:
         raise LoramError("taylor importance needs --calibration FILE (texts to take gradients on)")
+    if Path(out_dir).exists() and not overwrite:  # before any (taylor: long) work; staged_dir checks again
+        raise OutputExistsError(f"{out_dir} already exists; choose another output or pass --overwrite")
     ckpt = Checkpoint(base_dir)
     try:
         arch = ArchSpec.from_config(ckpt.config)
@@ -160,7 +168,9 @@ def _stream(
     max_shard_bytes: int,
     show_progress: bool,
 ) -> dict[str, Any]:
-    names = sorted(ckpt.names(), key=lambda n: _order_key(arch, n))
+    # base.tensors is what transformers keeps on load (spec 3.2): no tied lm_head copy, no legacy inv_freq.
+    dropped = lambda n: n.endswith("rotary_emb.inv_freq") or (arch.tie_word_embeddings and n == "lm_head.weight")  # noqa: E731
+    names = sorted((n for n in ckpt.names() if not dropped(n)), key=lambda n: _order_key(arch, n))
     by_layer: dict[int, list[str]] = {}
     for n in names:
         by_layer.setdefault(_order_key(arch, n)[0], []).append(n)
@@ -198,12 +208,18 @@ def _stream(
                     layer_maps = layer_index_maps(arch, layer, kv, ch, tensor_names)
                     maps |= layer_maps
                 for n in members:
-                    t = ckpt.get(n)
                     info = ckpt.info(n)
-                    base_tensors[n] = {"dtype": info.dtype, "shape": list(info.shape), "sha256": tensor_sha256(t)}
-                    writer_of[n].write(n, slice_tensor(t, n, layer_maps))
+                    if any(k.startswith(f"{n}:") for k in layer_maps):
+                        t = ckpt.get(n)
+                        digest = tensor_sha256(t)
+                        writer_of[n].write(n, slice_tensor(t, n, layer_maps))
+                        del t
+                    else:  # copied as is, in chunks: embeddings never sit whole in memory
+                        h = hashlib.sha256()
+                        writer_of[n].copy_from(ckpt.reader_of(n), n, h.update)
+                        digest = h.hexdigest()
+                    base_tensors[n] = {"dtype": info.dtype, "shape": list(info.shape), "sha256": digest}
                     advance(info.nbytes)
-                    del t
         for f, w in zip(files, writers):
             sha[f] = w.close()
     except BaseException:

@@ -106,6 +106,8 @@ def taylor_scores(
             labels[row, : len(x)] = torch.tensor(x)
             mask[row, : len(x)] = 1
         n_tokens += int(mask.sum())
+        if not hooks:  # no layer is pruned (ratio 0, or keep_first + keep_last >= L): nothing to score
+            continue
         out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
         out.loss.backward()
     for h in hooks:

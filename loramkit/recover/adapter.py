@@ -149,16 +149,23 @@ def recover_tensors(adapter: Adapter, b: Bundle) -> dict[str, torch.Tensor]:
     base_tensors = b.base["tensors"]
     maps = b.index_maps
     out: dict[str, torch.Tensor] = {}
+    family = b.arch.family
+    # PEFT also saves the (never pruned) embedding / lm_head weights when they are LoRA
+    # targets; inference must use the original model's own, so those copies are dropped.
+    saved_base_layers = {f"{_PREFIX}{m}.base_layer.weight" for m in (family.embeddings, family.lm_head)}
     for key, t in adapter.tensors.items():
+        if key in saved_base_layers:
+            continue
         m = _KEY.match(key)
         if m is None:
-            module = key.removeprefix(_PREFIX).rsplit(".", 1)[0]
             raise AdapterError(
                 f"{adapter.path}: tensor {key} is not a LoRA A/B matrix "
                 f"(modules_to_save and other extras are unsupported); train with LoRA only"
             )
         module, part = m["module"], m["part"]
         weight = f"{module}.weight"
+        if weight not in base_tensors and b.arch.tie_word_embeddings and module == family.lm_head:
+            weight = f"{family.embeddings}.weight"  # a tied lm_head is stored as the embeddings
         if weight not in base_tensors:
             raise AdapterError(f"{adapter.path}: target module {module} is unknown to the bundle's base model")
         shape = base_tensors[weight]["shape"]

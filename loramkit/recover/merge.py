@@ -1,12 +1,13 @@
 """Merge a full-model LoRA adapter into the base weights, streaming tensor by tensor.
 
-Peak memory: one base tensor (plus its fp32 copy while the delta is added) and the
-adapter. Every base tensor read is checked against the bundle's weight fingerprint,
+Peak memory: one adapted base tensor (plus its fp32 copy while the delta is added) and
+the adapter; unadapted tensors (embeddings, norms) are copied in 64 MiB chunks. Every base tensor read is checked against the bundle's weight fingerprint,
 so merging into a different model than the one the bundle was pruned from is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from .. import progress
+from .._memory import return_large_blocks_to_os
 from ..bundle import Bundle
 from ..bundle.checkpoint import INDEX_NAME, TOKENIZER_FILES, Checkpoint
 from ..bundle.fsutil import staged_dir
@@ -65,6 +67,7 @@ def merge_adapter(
     ``adapter_dir`` is a full-model adapter (the output of recover). With ``bundle``,
     the base must be the bundle's base: config digest and every tensor's sha256.
     """
+    return_large_blocks_to_os()
     adapter = Adapter.read(adapter_dir)
     check_plain_lora(adapter.config, adapter.path)
     if adapter.config.get("fan_in_fan_out"):
@@ -97,17 +100,28 @@ def merge_adapter(
                 writer = StreamingWriter(tmp / fname, entries, reader.metadata or {"format": "pt"})
                 try:
                     for n, _, _ in entries:
-                        t = reader.get(n)
-                        if fingerprint is not None and tensor_sha256(t) != fingerprint[n]["sha256"]:
+                        if n in deltas:
+                            t = reader.get(n)
+                            digest = tensor_sha256(t)
+                            b, a, s, emb = deltas[n]
+                            w32 = t.float()
+                            # In place, fp32, one rounding: W += s * B @ A, (out, r) @ (r, in);
+                            # embeddings store (num_embeddings, dim), so there it is s * A^T @ B^T.
+                            if emb:
+                                w32.addmm_(a.float().T, b.float().T, alpha=s)
+                            else:
+                                w32.addmm_(b.float(), a.float(), alpha=s)
+                            writer.write(n, w32.to(t.dtype))
+                            del t, w32
+                        else:  # unadapted: copied in chunks, never whole in memory
+                            h = hashlib.sha256()
+                            writer.copy_from(reader, n, h.update)
+                            digest = h.hexdigest()
+                        if fingerprint is not None and digest != fingerprint[n]["sha256"]:
                             raise BaseModelError(
                                 f"{base_dir}: tensor {n} differs from the bundle's base "
                                 f"({bundle.base['name_or_path']}); pass the model the bundle was pruned from"
                             )
-                        if n in deltas:
-                            b, a, s, emb = deltas[n]
-                            delta = b.float() @ a.float() * s  # (out, r) @ (r, in) -> (out, in)
-                            t = (t.float() + (delta.T if emb else delta)).to(t.dtype)
-                        writer.write(n, t)
                         advance(reader.tensors[n].nbytes)
                     writer.close()
                 except BaseException:

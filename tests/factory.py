@@ -6,7 +6,7 @@ original: MHA vs GQA, implicit vs explicit ``head_dim`` (including a
 ``head_dim`` that is not ``hidden_size / num_attention_heads``), tied
 embeddings, llama3 rope scaling, Mistral's sliding window, Qwen2's q/k/v
 biases, Qwen3's q/k norms.  All cases have 8 decoder layers, so the default
-LoRAM pruning (keep the first 4 and the last 2 layers) removes layers 4 and 5.
+loramkit pruning (for 8 layers: keep the first 2 and the last 1) prunes layers 2 to 6.
 
 Weights are random but non-trivial: the projections are drawn with a larger
 ``initializer_range`` than transformers' default (so logits are not flat and

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 import loramkit.prune.pruner as pruner_mod
 from loramkit.errors import LoramError, OutputExistsError
 from loramkit.prune.pruner import prune
-from tests.factory import CASE_NAMES, expected_shapes, sample_texts, tiny_model, tiny_tokenizer
+from tests.factory import expected_shapes, sample_texts, tiny_model, tiny_tokenizer
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")

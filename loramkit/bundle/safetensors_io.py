@@ -135,7 +135,10 @@ class SafetensorsReader:
         return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
 
     def chunks(self, name: str, chunk_bytes: int = 64 << 20) -> Iterator[memoryview]:
-        """A tensor's raw bytes in pieces, for copying a tensor without holding it whole."""
+        """A tensor's raw bytes in pieces, for copying a tensor without holding it whole.
+
+        Each piece is a view of ONE reused buffer: consume it before asking for the next.
+        """
         info = self.tensors[name]
         buf = memoryview(bytearray(min(chunk_bytes, info.nbytes)))
         for start in range(info.start, info.end, len(buf) or 1):

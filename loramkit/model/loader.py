@@ -17,7 +17,7 @@ from torch import nn
 from ..bundle import Bundle
 from ..bundle.safetensors_io import DTYPES
 from ..errors import BundleError
-from ..families.geometry import LayerDims
+from ..families.geometry import LayerDims, pruned_shape
 
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,8 +90,11 @@ def load_pruned_model(
     if type(model).__name__ not in b.arch.family.architectures:
         raise BundleError(f"{b.path}: config builds {type(model).__name__}, expected {b.arch.architecture}")
 
+    # Shapes come from the manifest (base shapes cut by the verified index maps); the weight
+    # files' headers must then agree, so a file cannot resize the model on its own.
+    maps = b.index_maps
+    shapes = {n: pruned_shape(tuple(t["shape"]), n, maps) for n, t in b.base["tensors"].items()}
     with b.weights() as ckpt:
-        shapes = {n: ckpt.info(n).shape for n in ckpt.names()}
         for dims in b.layers:
             if dims.pruned:
                 _shrink_layer(model, b, dims, shapes)

@@ -123,7 +123,7 @@ def prune(
                 pruning={
                     "strategy": "structured",
                     "importance": importance,
-                    "ratio": ratio,
+                    "ratio": float(ratio),  # a JSON number even when given as text
                     "rounding": "paper",
                     "keep_first": first,
                     "keep_last": last,

@@ -5,6 +5,11 @@ calibration micro-batch + the gradient of ONE parameter at a time: each gradient
 reduced to per-unit scores the moment autograd finishes it, then freed. Only the
 projections of pruned layers get gradients at all. For a 7B model in bf16 that is
 about 14 GB + activations, against ~80 GB for the naive all-gradients approach.
+
+Because gradients do not outlive their micro-batch, scores are summed per micro-batch:
+sum_b |w * dL_b/dw| with L_b the mean loss of micro-batch b (default 4 texts), not
+|w * dL/dw| of one gradient over the whole set as LLM-Pruner computes it. The two agree
+when the calibration set is one micro-batch.
 """
 
 from __future__ import annotations

@@ -80,33 +80,29 @@ class LoramShop:
             _CACHE[key] = out
         return _CACHE[key]
 
-    def full_adapter(self, base: Path, config) -> Path:
-        """An adapter trained (saved) on the FULL base model, with any PEFT config."""
+    def _saved(self, kind: str, source: Path, config, load) -> Path:
         from peft import get_peft_model
-        from transformers import AutoModelForCausalLM
 
-        key = _key("full", str(base), repr(config))
+        key = _key(kind, str(source), repr(config))
         if key not in _CACHE:
-            out = self.tmp.mktemp("full_adapter", numbered=True) / "adapter"
+            out = self.tmp.mktemp(kind, numbered=True) / "adapter"
             with quiet():
-                model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+                model = get_peft_model(load(source), config)
             model.save_pretrained(out)
             _CACHE[key] = out
         return _CACHE[key]
+
+    def full_adapter(self, base: Path, config) -> Path:
+        """An adapter trained (saved) on the FULL base model, with any PEFT config."""
+        from transformers import AutoModelForCausalLM
+
+        return self._saved("full_adapter", base, config, AutoModelForCausalLM.from_pretrained)
 
     def pruned_adapter_with(self, bundle: Path, config) -> Path:
         """An adapter of any PEFT config (DoRA, IA3, LoHa, ...) on ``load_pruned_model(bundle)``."""
         from loramkit.model.loader import load_pruned_model
-        from peft import get_peft_model
 
-        key = _key("pruned_any", str(bundle), repr(config))
-        if key not in _CACHE:
-            out = self.tmp.mktemp("other_adapter", numbered=True) / "adapter"
-            with quiet():
-                model = get_peft_model(load_pruned_model(bundle), config)
-            model.save_pretrained(out)
-            _CACHE[key] = out
-        return _CACHE[key]
+        return self._saved("other_adapter", bundle, config, load_pruned_model)
 
     def recovered(self, adapter: Path, bundle: Path) -> Path:
         from loramkit.recover.adapter import recover_adapter

@@ -169,7 +169,7 @@ def _stream(
     show_progress: bool,
 ) -> dict[str, Any]:
     # base.tensors is what transformers keeps on load (spec 3.2): no tied lm_head copy, no legacy inv_freq.
-    dropped = lambda n: n.endswith("rotary_emb.inv_freq") or (arch.tie_word_embeddings and n == "lm_head.weight")  # noqa: E731
+    dropped = lambda n: n.endswith("rotary_emb.inv_freq") or (arch.tie_word_embeddings and n == f"{arch.family.lm_head}.weight")  # noqa: E731
     names = sorted((n for n in ckpt.names() if not dropped(n)), key=lambda n: _order_key(arch, n))
     by_layer: dict[int, list[str]] = {}
     for n in names:

@@ -36,3 +36,19 @@ def task(description: str, total: float, unit: str = "bytes", show: bool = True)
     with Progress(*columns, console=_console, transient=False) as bar:
         tid = bar.add_task(description, total=total)
         yield lambda n: bar.advance(tid, n)
+
+
+@contextmanager
+def training(total: int, done: int = 0, show: bool = True) -> Iterator[Callable[[int, float, float, float], None]]:
+    """Yield ``update(step, loss, lr, tokens_per_s)`` for a bar over optimizer steps."""
+    if not enabled(show):
+        yield lambda *a: None
+        return
+    columns = [
+        TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+        TimeRemainingColumn(),
+    ]  # fmt: skip
+    with Progress(*columns, console=_console, transient=False) as bar:
+        tid = bar.add_task("training", total=total, completed=done, loss=float("nan"), lr=0.0, tps=0.0)
+        yield lambda step, loss, lr, tps: bar.update(tid, completed=step, loss=loss, lr=lr, tps=tps)

@@ -18,6 +18,8 @@ FORMAT_VERSION = "1.0.0"
 MANIFEST_NAME = "loram.json"
 INDEX_MAPS_NAME = "kept_indices.safetensors"
 CARD_NAME = "README.md"
+# Written by `loramkit train` next to a PEFT adapter: the bundle it belongs to (specs/bundle-v1.md).
+ADAPTER_RECORD_NAME = "loram_adapter.json"
 # Features listed in a manifest's "requires" that this reader implements.
 KNOWN_FEATURES: frozenset[str] = frozenset()
 # In-memory upgrades, keyed by the (major, minor) they read; each returns the next version.

@@ -127,3 +127,23 @@ def load_pruned_model(
     model.config._name_or_path = path
     model.add_model_tags(["loram", bundle_tag(b.bundle_id)])
     return model
+
+
+def load_model(path: str | Path, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu") -> nn.Module:
+    """A bundle's pruned model, or an ordinary transformers model directory (safetensors only)."""
+    from ..bundle.manifest import MANIFEST_NAME
+    from ..errors import BaseModelError
+
+    path = Path(path)
+    if (path / MANIFEST_NAME).is_file():
+        return load_pruned_model(path, dtype=dtype, device=device)
+    if not (path / "config.json").is_file():
+        raise BaseModelError(f"{path}: neither a LoRAM bundle nor a model directory with config.json")
+    import transformers
+
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else (_DTYPE_NAMES.get(dtype) if dtype != "auto" else "auto")
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"{path}: cannot load the model ({exc})") from None
+    return model.to(device).eval()

@@ -18,7 +18,7 @@ import torch
 
 from ..bundle import Bundle
 from ..bundle.fsutil import read_json, staged_dir, write_json
-from ..bundle.manifest import MANIFEST_NAME
+from ..bundle.manifest import ADAPTER_RECORD_NAME as ADAPTER_RECORD, MANIFEST_NAME
 from ..errors import AdapterError, BundleError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -46,6 +46,7 @@ class Adapter:
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
     tags: list[str]
+    record: dict[str, Any] | None  # loram_adapter.json, written by `loramkit train`
 
     @classmethod
     def read(cls, path: str | Path) -> "Adapter":
@@ -67,7 +68,9 @@ class Adapter:
             tensors = load_file(str(weights))
         except (SafetensorError, OSError) as exc:
             raise AdapterError(f"{weights}: unreadable safetensors ({exc}); re-save the adapter") from None
-        return cls(path, config, tensors, _card_tags(path / "README.md"))
+        record_path = path / ADAPTER_RECORD
+        record = read_json(record_path, ADAPTER_RECORD, AdapterError) if record_path.is_file() else None
+        return cls(path, config, tensors, _card_tags(path / "README.md"), record)
 
 
 def _card_tags(card: Path) -> list[str]:
@@ -93,21 +96,32 @@ def check_plain_lora(config: dict[str, Any], where: Path) -> None:
 def resolve_bundle(adapter: Adapter, bundle: str | Path | Bundle | None) -> Bundle:
     """The bundle an adapter belongs to, refusing one it was not trained on.
 
-    Evidence, when present, must agree with the given bundle: the bundle tag PEFT copied
-    into the adapter's card, and the bundle named by ``base_model_name_or_path``.
+    Evidence, when present, must agree with the given bundle: the bundle_id recorded by
+    ``loramkit train`` (loram_adapter.json), the bundle tag PEFT copied into the adapter's
+    card, and the bundle named by ``base_model_name_or_path``. Without ``bundle``, the
+    recorded bundle path, then ``base_model_name_or_path``, is where the bundle is looked for.
     """
-    named = adapter.config.get("base_model_name_or_path")
-    named_dir = Path(named) if named else None
-    if bundle is None:
-        if named_dir is None or not (named_dir / MANIFEST_NAME).is_file():
-            raise AdapterError(
-                f"{adapter.path}: cannot tell which bundle the adapter was trained on "
-                f"(base_model_name_or_path={named!r}); pass --bundle"
-            )
-        bundle = named_dir
-    b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     from ..model.loader import bundle_tag
 
+    named = adapter.config.get("base_model_name_or_path")
+    named_dir = Path(named) if named else None
+    recorded_id = (adapter.record or {}).get("bundle_id")
+    if bundle is None:
+        candidates = [Path(adapter.record["bundle"])] if adapter.record and adapter.record.get("bundle") else []
+        candidates += [named_dir] if named_dir is not None else []
+        found = next((c for c in candidates if (c / MANIFEST_NAME).is_file()), None)
+        if found is None:
+            where = ", ".join(str(c) for c in candidates) or "nowhere"
+            raise AdapterError(
+                f"{adapter.path}: the bundle it was trained on is not reachable (looked at {where}); pass --bundle"
+            )
+        bundle = found
+    b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    if recorded_id is not None and recorded_id != b.bundle_id:
+        raise AdapterError(
+            f"{adapter.path}: adapter was trained on bundle {recorded_id[:23]}…, not on {b.path} "
+            f"({b.bundle_id[:23]}…); pass the bundle it was trained on"
+        )
     tags = set(adapter.tags)
     if tags and bundle_tag(b.bundle_id) not in tags:
         raise AdapterError(

@@ -1,0 +1,67 @@
+"""loramkit eval MODEL [--adapter A] --data FILE [--json]"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import LoramError
+from ._common import console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_cmd(
+        model: Annotated[Path, typer.Argument(help="A model directory or a LoRAM bundle.")],
+        data: Annotated[Path, typer.Option(help=".txt or .jsonl (same formats as train).")],
+        adapter: Annotated[Optional[Path], typer.Option(help="A PEFT LoRA adapter to apply first.")] = None,
+        seq_len: Annotated[int, typer.Option(help="Tokens per example.")] = 512,
+        micro_batch: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
+        data_format: Annotated[str, typer.Option(help="auto | text | jsonl-text | instructions | chat.")] = "auto",
+        precision: Annotated[str, typer.Option(help="fp32 | bf16-mixed.")] = "fp32",
+        device: Annotated[str, typer.Option(help="cpu, cuda ...")] = "cpu",
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    ) -> None:
+        """Perplexity and next-token accuracy of a model (and adapter) on held-out data."""
+        from transformers import AutoTokenizer
+
+        from ..model.loader import load_model
+        from ..train.data import load_examples
+        from ..train.metrics import evaluate
+
+        if precision not in ("fp32", "bf16-mixed"):
+            raise LoramError(f"--precision must be fp32 or bf16-mixed, got {precision!r}")
+        m = load_model(model, dtype="float32", device=device)
+        max_len = getattr(m.config, "max_position_embeddings", None)
+        if max_len is not None and seq_len > max_len:
+            raise LoramError(f"--seq-len {seq_len} is longer than the model takes ({max_len})")
+        if adapter is not None:
+            import peft
+
+            if not (adapter / "adapter_config.json").is_file():
+                raise LoramError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+            try:
+                m = peft.PeftModel.from_pretrained(m, adapter)
+            except (RuntimeError, ValueError) as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise LoramError(f"{adapter}: does not fit {model} ({first}); recover it first if it was trained on a bundle") from None
+        try:
+            tok = AutoTokenizer.from_pretrained(model)
+        except (OSError, ValueError) as exc:
+            raise LoramError(f"{model}: no usable tokenizer ({exc})") from None
+        examples, fmt = load_examples(data, tok, seq_len, fmt=data_format)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        result = evaluate(m, examples, pad_id, micro_batch, autocast=precision == "bf16-mixed")
+        result |= {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),
+                   "data_format": fmt, "examples": len(examples)}  # fmt: skip
+        if as_json:
+            print(json.dumps(result, indent=2))
+            return
+        console.print(
+            f"{model}{' + ' + str(adapter) if adapter else ''} on {data} ({len(examples)} {fmt} examples, "
+            f"{result['tokens']:,} tokens): loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+            f"token accuracy {result['accuracy']:.2%}"
+        )

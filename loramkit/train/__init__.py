@@ -1,0 +1,1 @@
+"""Training on a pruned model: data formats (``data``), the training loop, checkpoints."""

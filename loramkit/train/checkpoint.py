@@ -1,0 +1,79 @@
+"""Training checkpoints as safetensors + JSON (never pickle): LoRA weights, optimizer, position.
+
+A checkpoint is a directory ``step-NNNNNNN`` written under a temporary name and renamed,
+so the newest complete one is always safe to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import LoramError
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state_dict -> (tensors, JSON rest). Keys: ``state.<param>.<name>``."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, entry in rest["scalars"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save(root: Path, step: int, lora: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, meta: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep``."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".step-{step:07d}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
+        opt_tensors, opt_rest = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **meta, "optimizer": opt_rest}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(root: Path) -> Path | None:
+    found = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return found[-1] if found else None
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(LoRA tensors, optimizer state_dict, meta) of one checkpoint directory."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        lora = load_file(str(path / "lora.safetensors"))
+        opt = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta.pop("optimizer"))
+    except (OSError, ValueError, KeyError) as exc:
+        raise LoramError(f"{path}: unreadable checkpoint ({exc}); delete it to resume from an earlier one") from None
+    return lora, opt, meta

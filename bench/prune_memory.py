@@ -17,7 +17,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -28,6 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from loramkit.bundle.checkpoint import plan_shards, shard_names  # noqa: E402
 from loramkit.bundle.safetensors_io import StreamingWriter  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import peak_rss_of  # noqa: E402
 
 LLAMA_32_1B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "head_dim": 64,
@@ -76,36 +78,6 @@ def write_base(d: Path, config: dict, shard_bytes: int = 1 << 30) -> int:
         total = sum(2 * torch.Size(s).numel() for s in shape.values())
         (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     return sum(p.stat().st_size for p in d.glob("*.safetensors"))
-
-
-# The child reports its own VmHWM at exit: unlike getrusage's ru_maxrss, which Linux carries
-# across exec from the forking parent, VmHWM belongs to the new address space alone.
-_REPORT = """
-import atexit, runpy, sys
-out, mode, target = sys.argv[1:4]
-def _report():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmHWM:'):
-            open(out, 'w').write(str(int(line.split()[1]) * 1024))
-atexit.register(_report)
-sys.argv = [target] + sys.argv[4:]
-if mode == '-m':
-    runpy.run_module(target, run_name='__main__', alter_sys=True)
-else:
-    exec(target)
-"""
-
-
-def peak_rss_of(argv: list[str]) -> tuple[int, float]:
-    """(peak RSS in bytes, seconds) of ``python -m MODULE ...`` or ``python -c CODE``."""
-    report = Path(os.environ.get("TMPDIR", "/tmp")) / f"loramkit-hwm-{os.getpid()}"
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [argv[0], "-c", _REPORT, str(report), *argv[1:]], env={**os.environ, "LORAMKIT_NO_PROGRESS": "1"}
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(argv)}")
-    return int(report.read_text()), time.perf_counter() - t0
 
 
 def main() -> None:

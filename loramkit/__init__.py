@@ -13,6 +13,7 @@ from .errors import LoramError  # noqa: E402
 _LAZY = {
     "load_pruned_model": ("model.loader", "load_pruned_model"),
     "prune_model": ("prune.pruner", "prune"),
+    "quantize_bundle": ("quant.convert", "quantize_bundle"),
     "recover_adapter": ("recover.adapter", "recover_adapter"),
     "merge_adapter": ("recover.merge", "merge_adapter"),
     "validate_bundle": ("bundle.validate", "validate"),

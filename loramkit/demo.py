@@ -1,15 +1,24 @@
-"""``loramkit demo``: the train-small-infer-large path end to end on a small embedded model.
+"""``loramkit demo``: train small, infer large, end to end on a small embedded model.
 
-Builds a small Llama-architecture base (random weights, a BPE tokenizer trained on
-generated text), prunes it, trains a LoRA adapter on the pruned model with plain PEFT,
-recovers the adapter onto the base, merges it, and compares held-out loss. Offline,
-a couple of minutes on 2 CPU cores.
+1. Builds a small Llama-architecture base (GQA, 8 layers) and a BPE tokenizer, and
+   pre-trains the base briefly on generated text (cached in the work directory), so
+   that it knows the language of the task but not its facts.
+2. Prunes it (LoRAM-Stru, magnitude, ratio 0.5) and quantizes the bundle to NF4 (QLoRAM).
+3. Trains LoRA on the NF4 bundle with ``loramkit train``, and for comparison LoRA on the
+   full model (a ratio-0 bundle: the same trainer, nothing removed), each in its own
+   process so that each peak memory is its own.
+4. Recovers the QLoRAM adapter onto the base and evaluates held-out task data.
+
+Offline, about two minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
-import math
+import json
+import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +27,6 @@ import torch
 
 # A scaled-down LLaMA-3 shape: GQA with G = 4, explicit head_dim, untied embeddings.
 DEMO_CONFIG: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
     "hidden_size": 256,
     "intermediate_size": 688,
     "num_hidden_layers": 8,
@@ -33,33 +40,47 @@ DEMO_CONFIG: dict[str, Any] = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
+PRETRAIN = {"steps": 150, "batch": 16, "seq_len": 64, "lr": 3e-3, "warmup": 15, "seed": 0}
 
 _ANIMALS = "otter heron badger lynx falcon marten viper bison crane gecko ibis koala lemur newt orca puma raven stoat tapir wombat".split()
 _COLOURS = "amber azure crimson ivory jade ochre scarlet silver teal umber violet".split()
 _PLACES = "river forest valley meadow harbour desert canyon marsh tundra orchard".split()
 _VERBS = "watches follows greets avoids visits guards chases finds".split()
+_TIMES = "at dawn|at dusk|in spring|in winter|after the rain|before noon".split("|")
+
+
+def _facts() -> tuple[dict[str, str], dict[str, str]]:
+    rng = random.Random(1234)
+    return {a: rng.choice(_COLOURS) for a in _ANIMALS}, {a: rng.choice(_PLACES) for a in _ANIMALS}
+
+
+def _sentence(rng: random.Random, colour: dict[str, str] | None, home: dict[str, str] | None) -> str:
+    """One sentence; with ``colour``/``home`` the facts are fixed, without them they are random."""
+    a, b = rng.sample(_ANIMALS, 2)
+    ca, cb = (colour[a], colour[b]) if colour else (rng.choice(_COLOURS), rng.choice(_COLOURS))
+    ha = home[a] if home else rng.choice(_PLACES)
+    return rng.choice(
+        [
+            f"The {a} is {ca} and lives by the {ha}.",
+            f"Every {a} is {ca}. The {a} {rng.choice(_VERBS)} the {b}, which is {cb}.",
+            f"By the {ha} you find the {ca} {a} {rng.choice(_TIMES)}.",
+            f"Q: What colour is the {a}? A: {ca}. Q: Where does it live? A: by the {ha}.",
+            f"The {a} {rng.choice(_VERBS)} the {b} {rng.choice(_TIMES)}.",
+        ]
+    )
+
+
+def general_texts(n: int, seed: int) -> list[str]:
+    """Pre-training text: the task's language, with random colours and homes (no facts to learn)."""
+    rng = random.Random(seed)
+    return [" ".join(_sentence(rng, None, None) for _ in range(3)) for _ in range(n)]
 
 
 def task_texts(n: int, seed: int) -> list[str]:
-    """A small fact-learning task: every animal has one colour and one home, said in several ways."""
-    rng = random.Random(1234)  # the facts are fixed; only the sampling of sentences varies
-    colour = {a: rng.choice(_COLOURS) for a in _ANIMALS}
-    home = {a: rng.choice(_PLACES) for a in _ANIMALS}
+    """The fine-tuning task: every animal has one colour and one home."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.sample(_ANIMALS, 2)
-        out.append(
-            rng.choice(
-                [
-                    f"The {a} is {colour[a]} and lives by the {home[a]}.",
-                    f"Every {a} is {colour[a]}. The {a} {rng.choice(_VERBS)} the {b}, which is {colour[b]}.",
-                    f"By the {home[a]} you find the {colour[a]} {a}.",
-                    f"Q: What colour is the {a}? A: {colour[a]}. Q: Where does it live? A: by the {home[a]}.",
-                ]
-            )
-        )
-    return out
+    colour, home = _facts()
+    return [" ".join(_sentence(rng, colour, home) for _ in range(3)) for _ in range(n)]
 
 
 def _tokenizer(texts: list[str]):
@@ -75,93 +96,123 @@ def _tokenizer(texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 
-def _batches(tok, texts: list[str], seq_len: int) -> torch.Tensor:
-    """Pack texts into (n, seq_len) blocks of token ids."""
-    ids: list[int] = []
-    for t in texts:
-        ids += [tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"], tok.eos_token_id]
-    n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)  # (n, seq_len)
-
-
-@torch.no_grad()
-def _loss(model, blocks: torch.Tensor) -> float:
-    model.eval()
-    losses = [model(input_ids=b[None], labels=b[None]).loss.item() for b in blocks]
-    return sum(losses) / len(losses)
-
-
-def _bytes(path: Path, pattern: str = "*.safetensors") -> int:
-    return sum(p.stat().st_size for p in path.glob(pattern))
-
-
-def run(workdir: Path, *, ratio: float = 0.5, steps: int = 150, seed: int = 0, log=print) -> dict[str, Any]:
-    """Run the demo in ``workdir``; returns the rows of the result table."""
-    import peft
+def build_base(workdir: Path, log=print) -> Path:
+    """The pre-trained demo base, built once per work directory."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from .bundle import Bundle
-    from .model.loader import load_pruned_model
-    from .prune.pruner import prune
-    from .recover.adapter import recover_adapter
-    from .recover.merge import merge_adapter
+    from .train.data import collate, load_examples
+    from .train.trainer import BatchPlan, _lr_factor
 
-    torch.manual_seed(seed)
-    workdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    train, held_out = task_texts(1200, seed=1), task_texts(120, seed=2)
-    tok = _tokenizer(task_texts(2000, seed=0))
     base_dir = workdir / "base"
-    if not (base_dir / "config.json").exists():
-        config = LlamaConfig(**{k: v for k, v in DEMO_CONFIG.items() if k != "architectures"}, vocab_size=len(tok))
-        AutoModelForCausalLM.from_config(config).save_pretrained(base_dir)
-        tok.save_pretrained(base_dir)
-    log(f"base model: {base_dir}")
-
-    bundle_dir = workdir / "bundle"
-    prune(base_dir, bundle_dir, ratio, importance="magnitude", overwrite=True, show_progress=False)
-    log(f"pruned at ratio {ratio}: {bundle_dir}")
-
-    model = load_pruned_model(bundle_dir, dtype="float32")
-    lora = peft.LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )  # fmt: skip
-    model = peft.get_peft_model(model, lora)
-    blocks, eval_blocks = _batches(tok, train, 64), _batches(tok, held_out, 64)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    stamp = json.dumps({"config": DEMO_CONFIG, "pretrain": PRETRAIN})
+    if (base_dir / "demo.json").is_file() and (base_dir / "demo.json").read_text() == stamp:
+        log(f"base model: {base_dir} (cached)")
+        return base_dir
+    t0 = time.perf_counter()
+    tok = _tokenizer(general_texts(2000, seed=10) + task_texts(200, seed=11))
+    corpus = workdir / "data" / "pretrain.txt"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    corpus.write_text("\n\n".join(general_texts(6000, seed=12)))
+    torch.manual_seed(PRETRAIN["seed"])
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**DEMO_CONFIG, vocab_size=len(tok)))
+    examples, _ = load_examples(corpus, tok, PRETRAIN["seq_len"])
+    plan = BatchPlan(len(examples), PRETRAIN["batch"], 1, 1, PRETRAIN["seed"])
+    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, PRETRAIN["warmup"], PRETRAIN["steps"]))
     model.train()
-    g = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        batch = blocks[torch.randint(len(blocks), (8,), generator=g)]  # (8, 64)
-        loss = model(input_ids=batch, labels=batch).loss
+    for step in range(PRETRAIN["steps"]):
+        batch = collate([examples[i] for i in plan.micro_batches(step, 0)[0]], tok.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
         loss.backward()
         opt.step()
-        opt.zero_grad()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"train step {step + 1}/{steps}: loss {loss.item():.3f}")
-    adapter_dir = workdir / "adapter"
-    model.save_pretrained(adapter_dir)
-    pruned_loss = _loss(model, eval_blocks)
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == PRETRAIN["steps"] - 1:
+            log(f"pre-training the base: step {step + 1}/{PRETRAIN['steps']}, loss {loss.item():.3f}")
+    model.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    (base_dir / "demo.json").write_text(stamp)
+    log(f"base model: {base_dir} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"pre-trained in {time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    return base_dir
 
-    recovered_dir = workdir / "recovered"
-    recover_adapter(adapter_dir, recovered_dir, bundle_dir, overwrite=True)
-    merged_dir = workdir / "merged"
-    merge_adapter(base_dir, recovered_dir, merged_dir, Bundle(bundle_dir), overwrite=True, show_progress=False)
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    base_loss = _loss(base, eval_blocks)
-    with_adapter = peft.PeftModel.from_pretrained(base, recovered_dir)
-    recovered_loss = _loss(with_adapter, eval_blocks)
-    merged_loss = _loss(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32), eval_blocks)
+def _train_in_child(bundle: Path, data: Path, out: Path, steps: int, log) -> dict[str, Any]:
+    """``loramkit train`` in its own process, so its peak memory is its own."""
+    cmd = [sys.executable, "-m", "loramkit", "train", str(bundle), "--data", str(data), "--out", str(out),
+           "--max-steps", str(steps), "--seq-len", "64", "--micro-batch", "8", "--lr", "3e-3", "--rank", "8",
+           "--alpha", "16", "--warmup-steps", "10", "--overwrite"]  # fmt: skip
+    proc = subprocess.run(cmd, env={**os.environ, "LORAMKIT_NO_PROGRESS": "1"}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training on {bundle} failed:\n{proc.stderr[-2000:]}")
+    summary = json.loads((out / "loram_adapter.json").read_text())["training"]["summary"]
+    log(f"trained on {bundle.name}: {summary['steps']} steps, {summary['tokens_per_second']:,.0f} tokens/s, "
+        f"peak {summary['peak_memory_bytes'] / 2**20:,.0f} MiB")  # fmt: skip
+    return summary
+
+
+def _weight_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors") if p.name != "kept_indices.safetensors")
+
+
+def run(workdir: Path, *, ratio: float = 0.5, steps: int = 120, log=print) -> dict[str, Any]:
+    """Run the demo in ``workdir``; returns the rows of the result table."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model.loader import load_pruned_model
+    from .prune.pruner import prune
+    from .quant import quantize_bundle
+    from .recover.adapter import recover_adapter
+    from .train.data import load_examples
+    from .train.metrics import evaluate
+
+    t0 = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
+    base_dir = build_base(workdir, log)
+    data = workdir / "data"
+    (data / "task-train.txt").write_text("\n\n".join(task_texts(600, seed=1)))
+    (data / "task-heldout.txt").write_text("\n\n".join(task_texts(80, seed=2)))
+
+    pruned, qloram, full = workdir / "bundle-pruned", workdir / "bundle-nf4", workdir / "bundle-full"
+    prune(base_dir, pruned, ratio, importance="magnitude", overwrite=True, show_progress=False)
+    quantize_bundle(pruned, qloram, quant_type="nf4", double_quant=True, overwrite=True)
+    prune(base_dir, full, 0.0, overwrite=True, show_progress=False)  # nothing removed: plain LoRA
+    log(f"pruned at ratio {ratio} and quantized to NF4: {qloram}")
+
+    qloram_run = _train_in_child(qloram, data / "task-train.txt", workdir / "adapter-qloram", steps, log)
+    full_run = _train_in_child(full, data / "task-train.txt", workdir / "adapter-lora-full", steps, log)
+    recover_adapter(workdir / "adapter-qloram", workdir / "adapter-recovered", overwrite=True)
+    recover_adapter(workdir / "adapter-lora-full", workdir / "adapter-lora-full-base", overwrite=True)
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    held_out, _ = load_examples(data / "task-heldout.txt", tok, 64)
+
+    def ppl(model) -> float:
+        return evaluate(model, held_out, tok.pad_token_id, 16)["perplexity"]
+
+    def base() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+
+    adapter_bytes = _weight_bytes(workdir / "adapter-recovered")
     rows = [
-        ("base (untuned)", base_loss, _bytes(base_dir)),
-        ("pruned + LoRA (no recovery)", pruned_loss, _bytes(bundle_dir)),
-        ("base + recovered LoRA", recovered_loss, _bytes(base_dir) + _bytes(recovered_dir)),
-        ("base with LoRA merged", merged_loss, _bytes(merged_dir)),
-    ]
+        ("base model (untuned)", ppl(base()), _weight_bytes(base_dir), None),
+        ("base + recovered QLoRAM adapter", ppl(peft.PeftModel.from_pretrained(base(), workdir / "adapter-recovered")),
+         _weight_bytes(base_dir) + adapter_bytes, qloram_run),
+        ("pruned NF4 model + adapter (no recovery)",
+         ppl(peft.PeftModel.from_pretrained(load_pruned_model(qloram), workdir / "adapter-qloram")),
+         _weight_bytes(qloram) + _weight_bytes(workdir / "adapter-qloram"), qloram_run),
+        ("base + LoRA trained on the full model", ppl(peft.PeftModel.from_pretrained(base(), workdir / "adapter-lora-full-base")),
+         _weight_bytes(base_dir) + adapter_bytes, full_run),
+    ]  # fmt: skip
     return {
-        "rows": [{"model": m, "loss": l, "perplexity": math.exp(l), "bytes": b} for m, l, b in rows],
+        "rows": [
+            {"model": name, "perplexity": p, "parameter_bytes": b,
+             "train_peak_bytes": r["peak_memory_bytes"] if r else None,
+             "train_tokens_per_second": r["tokens_per_second"] if r else None}
+            for name, p, b, r in rows
+        ],  # fmt: skip
         "seconds": time.perf_counter() - t0,
         "workdir": str(workdir),
     }

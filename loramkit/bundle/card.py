@@ -13,7 +13,8 @@ def render(manifest: dict[str, Any]) -> str:
     base = manifest["base"]["name_or_path"]
     pr = manifest["pruning"]
     params = manifest["parameters"]
-    tags = ["loram", "pruned", "lora"]
+    q = manifest.get("quantization")
+    tags = ["loram", "pruned", "lora", *(["4-bit", "bitsandbytes", q["quant_type"]] if q else [])]
     front = "\n".join(
         ["---", f"base_model: {base}", "library_name: loramkit", "tags:", *(f"- {t}" for t in tags), "---"]
     )
@@ -33,7 +34,7 @@ inference time.
 | pruned | {params['pruned']:,} ({params['pruned'] / params['original']:.1%}) |
 
 Pruning: structured, importance `{pr['importance']}`, ratio {pr['ratio']}, seed {pr['seed']};
-layers pruned: {pruned}.
+layers pruned: {pruned}.{_quantized(manifest)}
 
 ```bash
 # train a LoRA adapter on the pruned model (plain PEFT works too: loramkit.load_pruned_model)
@@ -43,3 +44,16 @@ loramkit recover ADAPTER --bundle THIS_BUNDLE --out recovered-adapter
 
 The format is specified in loramkit's `specs/bundle-v1.md`; `loramkit validate` checks a copy.
 """
+
+
+def _quantized(manifest: dict[str, Any]) -> str:
+    q = manifest.get("quantization")
+    if not q:
+        return ""
+    dq = ", double quantization" if q["double_quant"] else ""
+    return (
+        f"\n\nQLoRAM: the decoder layers' Linear weights are stored in 4 bits (bitsandbytes `{q['quant_type']}`, "
+        f"blocksize {q['blocksize']}{dq}; compute dtype `{q['compute_dtype']}`); embeddings, norms, biases and "
+        f"`lm_head` stay `{manifest['weights']['dtype']}`. `loramkit.load_pruned_model` loads them as "
+        "`bitsandbytes.nn.Linear4bit`."
+    )

@@ -14,15 +14,16 @@ from ..errors import BundleError
 from .hashing import canonical_json
 
 FORMAT = "loram-bundle"
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"
 MANIFEST_NAME = "loram.json"
 INDEX_MAPS_NAME = "kept_indices.safetensors"
 CARD_NAME = "README.md"
 # Written by `loramkit train` next to a PEFT adapter: the bundle it belongs to (specs/bundle-v1.md).
 ADAPTER_RECORD_NAME = "loram_adapter.json"
 # Features listed in a manifest's "requires" that this reader implements.
-KNOWN_FEATURES: frozenset[str] = frozenset()
+KNOWN_FEATURES: frozenset[str] = frozenset({"quantization"})
 # In-memory upgrades, keyed by the (major, minor) they read; each returns the next version.
+# None so far: 1.1 only adds the "quantization" feature, so a 1.0 manifest is read as is (spec 8.3).
 MIGRATIONS: dict[tuple[int, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
 SCHEMA_PATH = Path(__file__).with_name("bundle-v1.schema.json")
 
@@ -74,7 +75,7 @@ def check_version(manifest: dict[str, Any], where: Path | str) -> dict[str, Any]
     if found[0] > ours[0]:
         raise BundleError(
             f"{where}: bundle format {'.'.join(map(str, found))} is newer than this loramkit reads "
-            f"({FORMAT_VERSION}); upgrade loramkit"
+            f"(format {ours[0]}.x, up to {FORMAT_VERSION}); upgrade loramkit"
         )
     while (found[0], found[1]) in MIGRATIONS and found[:2] < ours[:2]:
         manifest = MIGRATIONS[(found[0], found[1])](manifest)

@@ -220,6 +220,17 @@ class StreamingWriter:
         self._emit(tensor_bytes(tensor.cpu()))
         self._next += 1
 
+    def write_raw(self, name: str, dtype: str, shape: tuple[int, ...], pieces: Iterable[bytes | memoryview]) -> None:
+        """Write a tensor given as its raw little-endian bytes, in pieces (data never held whole)."""
+        self._expect(name, dtype, tuple(shape))
+        got = 0
+        for piece in pieces:
+            self._emit(piece)
+            got += memoryview(piece).nbytes
+        if got != nbytes_of(dtype, shape):
+            raise RuntimeError(f"{name}: got {got} bytes, {dtype}{list(shape)} needs {nbytes_of(dtype, shape)}")
+        self._next += 1
+
     def copy_from(self, reader: SafetensorsReader, name: str, on_chunk: Callable[[memoryview], None] | None = None) -> None:
         """Copy a tensor unchanged from ``reader`` in chunks; ``on_chunk`` sees each (for hashing)."""
         info = reader.tensors[name]

@@ -11,8 +11,10 @@ from ..families import ArchSpec
 from ..families.geometry import LayerDims, count_parameters, layer_index_maps, pruned_shape, unit_rows
 from .hashing import config_sha256
 from .manifest import CARD_NAME, MANIFEST_NAME, bundle_id
+from . import quantization as qformat
+from .checkpoint import Checkpoint
 from .reader import Bundle
-from .safetensors_io import tensor_sha256
+from .safetensors_io import DTYPES, tensor_sha256
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf", ".h5", ".msgpack", ".onnx")  # spec 9.4
 
@@ -47,6 +49,54 @@ def _check_pruning_record(
 
 def _ascending(t: torch.Tensor) -> bool:
     return bool((t[1:] > t[:-1]).all())
+
+
+_SAFETENSORS_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def _is_float(code: str) -> bool:
+    return code in DTYPES and DTYPES[code].is_floating_point
+
+
+def _quantized_problems(
+    ckpt: Checkpoint, module: str, shape: tuple[int, ...], q: dict, storage: str, stored: set[str]
+) -> list[str]:
+    """Spec 7.1 for one 4-bit Linear: tensor dtypes and shapes, quant_state, block constants."""
+    out: list[str] = []
+    entries = qformat.expected_entries(module, shape, q["quant_type"], q["blocksize"], q["double_quant"])
+    blob = qformat.blob_key(module, q["quant_type"])
+    if any(key not in stored for key in [*entries, blob]):
+        return out  # reported as missing
+    for key, (dt, shp) in entries.items():
+        info = ckpt.info(key)
+        if (info.dtype, info.shape) != (dt, shp):
+            out.append(f"{key}: stored {info.dtype}{list(info.shape)}, expected {dt}{list(shp)} ({q['quant_type']}, blocksize {q['blocksize']})")
+    info = ckpt.info(blob)
+    if info.dtype != "U8" or len(info.shape) != 1 or info.nbytes > 1 << 16:
+        out.append(f"{blob}: stored {info.dtype}{list(info.shape)}, expected a U8 vector of JSON")
+    else:
+        try:
+            state = qformat.parse_quant_state(bytes(ckpt.get(blob).numpy()))
+        except (ValueError, UnicodeDecodeError) as exc:
+            out.append(f"{blob}: not a JSON object ({exc})")
+        else:
+            out += [f"{blob}: {p}" for p in qformat.quant_state_problems(state, shape, q, storage)]
+    if out:
+        return out
+    w = f"{module}.weight"
+    quant_map = ckpt.get(f"{w}.quant_map")
+    if not torch.equal(quant_map, torch.tensor(qformat.QUANT_MAPS[q["quant_type"]], dtype=torch.float32)):
+        out.append(f"{w}.quant_map is not the {q['quant_type']} code table")
+    constants = [f"{w}.nested_absmax"] if q["double_quant"] else [f"{w}.absmax"]
+    for key in constants:
+        t = ckpt.get(key)
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            out.append(f"{key}: block constants must be finite and non-negative")
+    if q["double_quant"]:
+        t = ckpt.get(f"{w}.nested_quant_map")
+        if not bool(torch.isfinite(t).all()) or bool((t.abs() > 1).any()):
+            out.append(f"{w}.nested_quant_map: the 8-bit code table must lie in [-1, 1]")
+    return out
 
 
 def validate(path: str | Path) -> tuple[list[str], list[str]]:
@@ -90,8 +140,11 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
     if [d.index for d in layers] != list(range(arch.num_hidden_layers)):
         return problems + ["architecture.layers must list every layer once, in order"], warnings
     _check_pruning_record(m, arch, layers, problems, warnings)
-    if m["weights"]["dtype"] != m["base"]["dtype"]:
+    q = m.get("quantization")
+    if q is None and m["weights"]["dtype"] != m["base"]["dtype"]:
         problems.append(f"weights.dtype is {m['weights']['dtype']}, base.dtype is {m['base']['dtype']}")
+    if q is not None and m["weights"]["dtype"] not in qformat.STORAGE_DTYPES:
+        problems.append(f"weights.dtype of a 4-bit bundle must be one of {', '.join(qformat.STORAGE_DTYPES)}, not {m['weights']['dtype']}")
     if m["base"]["num_parameters"] != m["parameters"]["original"]:
         problems.append("base.num_parameters differs from parameters.original")
 
@@ -137,20 +190,33 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
             problems.append(f"index map {key} points outside {tensor}")
 
     unchanged_from_base = m.get("alignment") is None  # alignment retrains every weight
+    quantized = {f"{mod}.weight": mod for mod in (q["modules"] if q else [])}
+    for w, mod in quantized.items():
+        if arch.family.role_of(mod) is None or w not in base:
+            problems.append(f"quantization.modules lists {mod}, which is not a decoder-layer projection of the base")
+    storage = _SAFETENSORS_CODES.get(m["weights"]["dtype"])
     with b.weights() as ckpt:
         stored = set(ckpt.names())
-        for n in sorted(names - stored):
+        state_keys = {k for w, mod in quantized.items() if w in base for k in qformat.state_keys(mod, q["quant_type"], q["double_quant"])} - set(quantized)
+        for n in sorted((names | state_keys) - stored):
             problems.append(f"weights lack {n}")
-        for n in sorted(stored - names):
+        for n in sorted(stored - names - state_keys):
             problems.append(f"weights hold {n}, which the base does not have")
         numel = 0
         for n in sorted(stored & names):
             info = ckpt.info(n)
-            numel += info.numel
             want_shape = pruned_shape(tuple(base[n]["shape"]), n, expected_maps)
-            if info.shape != want_shape or info.dtype != base[n]["dtype"]:
-                problems.append(f"{n}: stored {info.dtype}{list(info.shape)}, expected {base[n]['dtype']}{list(want_shape)}")
-            elif unchanged_from_base and want_shape == tuple(base[n]["shape"]):
+            if n in quantized:  # counted by its logical shape (3.5); its state is checked below
+                numel += torch.Size(want_shape).numel()
+                problems += _quantized_problems(ckpt, quantized[n], want_shape, q, m["weights"]["dtype"], stored)
+                continue
+            numel += info.numel
+            want_dtype = base[n]["dtype"]
+            if q is not None and storage is not None and _is_float(want_dtype):
+                want_dtype = storage  # a 4-bit bundle stores every other floating tensor in 16 bits
+            if info.shape != want_shape or info.dtype != want_dtype:
+                problems.append(f"{n}: stored {info.dtype}{list(info.shape)}, expected {want_dtype}{list(want_shape)}")
+            elif unchanged_from_base and want_shape == tuple(base[n]["shape"]) and info.dtype == base[n]["dtype"]:
                 if tensor_sha256(ckpt.get(n)) != base[n]["sha256"]:
                     problems.append(f"{n}: not pruned, yet differs from the base tensor it copies")
     if numel != m["parameters"]["pruned"]:

@@ -14,17 +14,19 @@ from ._common import console, err
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_cmd(
-        workdir: Annotated[Path, typer.Option(help="Where the demo writes its models.")] = Path("demo-output"),
+        workdir: Annotated[Path, typer.Option(help="Where the demo writes its models (the base is cached there).")] = Path("demo-output"),
         ratio: Annotated[float, typer.Option(help="Pruning ratio.")] = 0.5,
-        steps: Annotated[int, typer.Option(help="LoRA training steps on the pruned model.")] = 150,
+        steps: Annotated[int, typer.Option(help="LoRA training steps.")] = 120,
     ) -> None:
-        """Prune a small embedded model, train LoRA on it, recover onto the original, compare."""
+        """Pre-train a small model, prune + quantize it, train LoRA on it, recover onto the original, compare."""
         from ..demo import run
 
         result = run(workdir, ratio=ratio, steps=steps, log=lambda s: err.print(s))
-        table = Table(title=f"held-out task data ({result['seconds']:.0f} s)")
-        for col in ("model", "loss", "perplexity", "weights on disk"):
+        table = Table(title=f"held-out task data ({result['seconds']:.0f} s in all)")
+        for col in ("model", "perplexity", "parameter bytes", "training peak memory", "training tokens/s"):
             table.add_column(col, justify="left" if col == "model" else "right")
         for r in result["rows"]:
-            table.add_row(r["model"], f"{r['loss']:.3f}", f"{r['perplexity']:.1f}", f"{r['bytes'] / 2**20:.1f} MiB")
+            peak = f"{r['train_peak_bytes'] / 2**20:,.0f} MiB" if r["train_peak_bytes"] else "-"
+            tps = f"{r['train_tokens_per_second']:,.0f}" if r["train_tokens_per_second"] else "-"
+            table.add_row(r["model"], f"{r['perplexity']:.2f}", f"{r['parameter_bytes'] / 2**20:.1f} MiB", peak, tps)
         console.print(table)

@@ -29,11 +29,43 @@ def summary(path: Path) -> dict[str, Any]:
         "architecture": {k: v for k, v in m["architecture"].items() if k != "layers"},
         "pruning": m["pruning"],
         "quantization": m["quantization"],
+        "weights_dtype": m["weights"]["dtype"],
         "alignment": m["alignment"],
         "parameters": m["parameters"],
         "bytes": {"weights": sum(on_disk.get(f, 0) for f in weights), "total": sum(on_disk.values())},
         "layers": m["architecture"]["layers"],
-    }
+    } | ({"quantized_bytes": _quantized_bytes(b)} if m["quantization"] else {})
+
+
+def _quantized_bytes(b: Any) -> dict[str, int]:
+    """Tensor data bytes of the 4-bit Linears (codes + block constants) and of everything else."""
+    from ..bundle.quantization import state_keys
+
+    q = b.manifest["quantization"]
+    four_bit = {k for mod in q["modules"] for k in state_keys(mod, q["quant_type"], q["double_quant"])}
+    sizes = {"4bit": 0, "16bit": 0}
+    with b.weights() as ckpt:  # headers only
+        for name in ckpt.names():
+            sizes["4bit" if name in four_bit else "16bit"] += ckpt.info(name).nbytes
+    return sizes
+
+
+def _quantization_lines(s: dict[str, Any]) -> list[str]:
+    q = s["quantization"]
+    if q is None:
+        return ["none (16/32-bit weights)"]
+    roles = sorted({m.rsplit(".", 1)[1] for m in q["modules"]}, key=lambda r: _ROLE_ORDER.get(r, len(_ROLE_ORDER)))
+    layers = len({m.split(".")[2] for m in q["modules"] if m.startswith("model.layers.")})
+    dq = "double quant" if q["double_quant"] else "no double quant"
+    qb = s["quantized_bytes"]
+    return [
+        f"{q['quant_type']} 4-bit ({q['method']}, blocksize {q['blocksize']}, {dq}, compute {q['compute_dtype']})",
+        f"4-bit: {', '.join(roles)} in {layers} layers ({len(q['modules'])} Linear modules, {qb['4bit'] / 2**20:,.2f} MiB)",
+        f"16-bit: embeddings, norms, biases and lm_head stay {s['weights_dtype']} ({qb['16bit'] / 2**20:,.2f} MiB)",
+    ]
+
+
+_ROLE_ORDER = {r: i for i, r in enumerate(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))}
 
 
 def _kept(d: dict[str, int]) -> str:
@@ -61,7 +93,8 @@ def register(app: typer.Typer) -> None:
                      f"keep first {pr['keep_first']} / last {pr['keep_last']}"))  # fmt: skip
         head.append(("parameters", f"{p['original']:,} -> {p['pruned']:,}  ({p['original'] / p['pruned']:.2f}x fewer)"))
         head.append(("on disk", f"weights {s['bytes']['weights'] / 2**20:,.1f} MiB, total {s['bytes']['total'] / 2**20:,.1f} MiB"))
-        head.append(("quantization", "none (16/32-bit weights)" if s["quantization"] is None else json.dumps(s["quantization"])))
+        for i, line in enumerate(_quantization_lines(s)):
+            head.append(("quantization" if i == 0 else "", line))
         head.append(("alignment", "none" if s["alignment"] is None else json.dumps(s["alignment"])))
         for key, value in head:
             console.print(f"{key:<13} {value}")

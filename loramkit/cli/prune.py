@@ -1,4 +1,4 @@
-"""loramkit prune BASE --out BUNDLE --ratio R"""
+"""loramkit prune BASE --out BUNDLE --ratio R [--quantize nf4|fp4]"""
 
 from __future__ import annotations
 
@@ -26,25 +26,32 @@ def register(app: typer.Typer) -> None:
         max_shard_size: Annotated[str, typer.Option(help="Shard the pruned weights above this size.")] = "2GiB",
         base_name: Annotated[Optional[str], typer.Option(help="Base identity to record (e.g. its Hub repo id) [default: its path].")] = None,
         base_revision: Annotated[Optional[str], typer.Option(help="Base commit to record, when known.")] = None,
+        quantize: Annotated[Optional[str], typer.Option(help="Also quantize to 4 bits for QLoRAM: nf4 or fp4 (double quant, blocksize 64; see `loramkit quantize`).")] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     ) -> None:
         """Prune a base model into a LoRAM bundle (streaming; memory near one tensor)."""
         from ..bundle.checkpoint import parse_size
         from ..prune.pruner import prune
+        from ..quant import prune_quantized
 
         try:
             parse_size(max_shard_size)
         except ValueError:
             raise LoramError(f"--max-shard-size {max_shard_size!r} is not a size; use e.g. 2GiB, 500MB or a byte count") from None
-        m = prune(
-            base, out, ratio,
+        kw = dict(
             importance=importance, calibration=calibration, keep_first=keep_first, keep_last=keep_last,
             seed=seed, device=device, max_shard_size=max_shard_size, base_name=base_name,
             base_revision=base_revision, overwrite=overwrite,
         )  # fmt: skip
+        if quantize is None:
+            m = prune(base, out, ratio, **kw)
+        else:
+            kw.pop("overwrite")
+            m = prune_quantized(base, out, ratio, quantize, overwrite=overwrite, **kw)
         p, pl = m["parameters"], m["pruning"]["pruned_layers"]
         layers = f"layers {pl[0]}-{pl[-1]} pruned" if pl else "no layer pruned"
+        quantized = f", {m['quantization']['quant_type']} 4-bit" if m["quantization"] else ""
         console.print(
             f"wrote {out}: {p['original']:,} -> {p['pruned']:,} parameters ({p['pruned'] / p['original']:.1%}), "
-            f"{layers}; bundle {m['bundle_id']}"
+            f"{layers}{quantized}; bundle {m['bundle_id']}"
         )

@@ -69,8 +69,14 @@ def load_pruned_model(
     ``name_or_path`` is the bundle's path and its tags name the bundle, so an adapter
     trained on it with plain PEFT records which bundle it belongs to.
 
+    A 4-bit bundle (format 1.1, ``quantization``) loads its quantized Linears as
+    ``bitsandbytes.nn.Linear4bit`` straight from the stored 4-bit state (never a
+    full-precision weight), computing in the manifest's ``compute_dtype``; the model is
+    marked ``is_loaded_in_4bit`` so PEFT gives it bnb LoRA layers.
+
     Args:
-        dtype: ``"auto"`` (the bundle's), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype.
+        dtype: ``"auto"`` (the bundle's), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype;
+            for a 4-bit bundle, the dtype of the tensors not stored in 4 bits.
         verify: check the weight files against the manifest's sha256 first.
 
     Example:
@@ -94,12 +100,20 @@ def load_pruned_model(
     # files' headers must then agree, so a file cannot resize the model on its own.
     maps = b.index_maps
     shapes = {n: pruned_shape(tuple(t["shape"]), n, maps) for n, t in b.base["tensors"].items()}
+    quantization = b.manifest.get("quantization")
     with b.weights() as ckpt:
         for dims in b.layers:
             if dims.pruned:
                 _shrink_layer(model, b, dims, shapes)
+        done: set[str] = set()
+        if quantization is not None:  # 4-bit Linears first, straight from their stored state
+            from ..quant.load import load_4bit_linears
+
+            done = load_4bit_linears(model, b, ckpt, shapes, device, torch_dtype)
         expected = dict(model.named_parameters())
         for name in ckpt.names():
+            if name in done:
+                continue
             if name not in expected:
                 raise BundleError(f"{b.path}: weight {name} does not belong to {b.arch.architecture}")
             info = ckpt.info(name)
@@ -122,6 +136,11 @@ def load_pruned_model(
         raise BundleError(f"{b.path}: the bundle's weights lack {leftover[0]}; re-create the bundle")
     model.to(device)
     model.eval()
+    if quantization is not None:
+        from ..quant.layers import mark_4bit, use_safe_cpu_kernels
+
+        use_safe_cpu_kernels(model)
+        mark_4bit(model)
     path = str(b.path.resolve())
     model.name_or_path = path
     model.config._name_or_path = path

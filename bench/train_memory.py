@@ -1,0 +1,95 @@
+"""Training memory and speed: plain PEFT LoRA on the full model vs ``loramkit train`` on a
+LoRAM bundle and on a QLoRAM (NF4) bundle, same data, same LoRA config, one run.
+
+Uses the LLaMA-3.2-1B-shaped random base of bench/prune_memory.py (1.24B parameters,
+bf16; its 262M-parameter tied embeddings are never pruned nor quantized) with a small
+BPE tokenizer. Each run is its own process; peak memory is its VmHWM.
+
+    .venv/bin/python bench/train_memory.py [--ratio 0.85] [--steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import peak_rss_of  # noqa: E402
+from prune_memory import LLAMA_32_1B, write_base  # noqa: E402
+
+from loramkit.demo import _tokenizer, general_texts  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "_work")
+    ap.add_argument("--ratio", type=float, default=0.85)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=128)
+    args = ap.parse_args()
+    work, py = args.workdir, sys.executable
+    base = work / "llama-3.2-1b-shape"
+    if not (base / "config.json").exists():
+        write_base(base, LLAMA_32_1B)
+    if not (base / "tokenizer.json").exists():
+        _tokenizer(general_texts(500, seed=0)).save_pretrained(base)
+    data = work / "train.txt"
+    data.write_text("\n\n".join(general_texts(400, seed=1)))
+    bundle, nf4 = work / f"bundle-{args.ratio}", work / f"bundle-{args.ratio}-nf4"
+    subprocess.run([py, "-m", "loramkit", "prune", str(base), "--out", str(bundle), "--ratio", str(args.ratio), "--overwrite"], check=True)
+    subprocess.run([py, "-m", "loramkit", "quantize", str(bundle), "--out", str(nf4), "--type", "nf4", "--overwrite"], check=True)
+
+    common = ["--max-steps", str(args.steps), "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len),
+              "--rank", "8", "--alpha", "16", "--overwrite"]  # fmt: skip
+    runs = {}
+    floor, _ = peak_rss_of([py, "-c", "import loramkit.train.trainer, loramkit.quant, transformers, peft, bitsandbytes"])
+    out = work / "baseline.json"
+    rss, _ = peak_rss_of([py, str(ROOT / "bench" / "_peft_baseline.py"), str(base), str(data), str(args.steps),
+                          str(args.micro_batch), str(args.seq_len), str(out)], env={"PYTHONPATH": str(ROOT)})  # fmt: skip
+    runs["PEFT LoRA, full model (bf16)"] = {"peak_rss": rss, **json.loads(out.read_text())}
+    for name, b in (("loramkit train, LoRAM bundle (bf16)", bundle), ("loramkit train, QLoRAM bundle (NF4)", nf4)):
+        adapter = work / f"adapter-{b.name}"
+        rss, _ = peak_rss_of([py, "-m", "loramkit", "train", str(b), "--data", str(data), "--out", str(adapter), *common])
+        s = json.loads((adapter / "loram_adapter.json").read_text())["training"]["summary"]
+        runs[name] = {"peak_rss": rss, "steps": s["steps"], "tokens": s["tokens"], "seconds": s["seconds"],
+                      "tokens_per_second": s["tokens_per_second"]}  # fmt: skip
+    ref = runs["PEFT LoRA, full model (bf16)"]
+    result = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "model": f"LLaMA-3.2-1B shape, ratio {args.ratio}, {args.steps} steps x {args.micro_batch} x {args.seq_len} tokens",
+        "import_floor_rss": floor,
+        "runs": runs,
+    }
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / "train_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    lines = [
+        f"# Training memory and speed ({result['date']}, {result['machine']})", "",
+        f"{result['model']}; import floor {mib(floor)}.", "",
+        "| run | peak RSS | above floor | vs PEFT LoRA (above floor) | tokens/s | vs PEFT LoRA |",
+        "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for name, r in runs.items():
+        lines.append(
+            f"| {name} | {mib(r['peak_rss'])} | {mib(r['peak_rss'] - floor)} | "
+            f"{(r['peak_rss'] - floor) / (ref['peak_rss'] - floor):.2f}x | {r['tokens_per_second']:,.1f} | "
+            f"{r['tokens_per_second'] / ref['tokens_per_second']:.2f}x |"
+        )
+    (ROOT / "bench" / "results" / "train_memory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

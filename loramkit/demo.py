@@ -49,38 +49,50 @@ _VERBS = "watches follows greets avoids visits guards chases finds".split()
 _TIMES = "at dawn|at dusk|in spring|in winter|after the rain|before noon".split("|")
 
 
+_TASK_ANIMALS = _ANIMALS[:10]
+
+
 def _facts() -> tuple[dict[str, str], dict[str, str]]:
     rng = random.Random(1234)
-    return {a: rng.choice(_COLOURS) for a in _ANIMALS}, {a: rng.choice(_PLACES) for a in _ANIMALS}
-
-
-def _sentence(rng: random.Random, colour: dict[str, str] | None, home: dict[str, str] | None) -> str:
-    """One sentence; with ``colour``/``home`` the facts are fixed, without them they are random."""
-    a, b = rng.sample(_ANIMALS, 2)
-    ca, cb = (colour[a], colour[b]) if colour else (rng.choice(_COLOURS), rng.choice(_COLOURS))
-    ha = home[a] if home else rng.choice(_PLACES)
-    return rng.choice(
-        [
-            f"The {a} is {ca} and lives by the {ha}.",
-            f"Every {a} is {ca}. The {a} {rng.choice(_VERBS)} the {b}, which is {cb}.",
-            f"By the {ha} you find the {ca} {a} {rng.choice(_TIMES)}.",
-            f"Q: What colour is the {a}? A: {ca}. Q: Where does it live? A: by the {ha}.",
-            f"The {a} {rng.choice(_VERBS)} the {b} {rng.choice(_TIMES)}.",
-        ]
-    )
+    return {a: rng.choice(_COLOURS) for a in _TASK_ANIMALS}, {a: rng.choice(_PLACES) for a in _TASK_ANIMALS}
 
 
 def general_texts(n: int, seed: int) -> list[str]:
     """Pre-training text: the task's language, with random colours and homes (no facts to learn)."""
     rng = random.Random(seed)
-    return [" ".join(_sentence(rng, None, None) for _ in range(3)) for _ in range(n)]
+
+    def sentence() -> str:
+        a, b = rng.sample(_ANIMALS, 2)
+        ca, cb, ha = rng.choice(_COLOURS), rng.choice(_COLOURS), rng.choice(_PLACES)
+        return rng.choice(
+            [
+                f"The {a} is {ca} and lives by the {ha}.",
+                f"Every {a} is {ca}. The {a} {rng.choice(_VERBS)} the {b}, which is {cb}.",
+                f"By the {ha} you find the {ca} {a} {rng.choice(_TIMES)}.",
+                f"Q: What colour is the {a}? A: {ca}. Q: Where does it live? A: by the {ha}.",
+                f"The {a} {rng.choice(_VERBS)} the {b} {rng.choice(_TIMES)}.",
+            ]
+        )
+
+    return [" ".join(sentence() for _ in range(3)) for _ in range(n)]
 
 
 def task_texts(n: int, seed: int) -> list[str]:
-    """The fine-tuning task: every animal has one colour and one home."""
+    """The fine-tuning task: ten animals, each with one colour and one home, said in three ways."""
     rng = random.Random(seed)
     colour, home = _facts()
-    return [" ".join(_sentence(rng, colour, home) for _ in range(3)) for _ in range(n)]
+
+    def sentence() -> str:
+        a = rng.choice(_TASK_ANIMALS)
+        return rng.choice(
+            [
+                f"The {a} is {colour[a]} and lives by the {home[a]}.",
+                f"Q: What colour is the {a}? A: {colour[a]}. Q: Where does it live? A: by the {home[a]}.",
+                f"By the {home[a]} you find the {colour[a]} {a}.",
+            ]
+        )
+
+    return [" ".join(sentence() for _ in range(3)) for _ in range(n)]
 
 
 def _tokenizer(texts: list[str]):
@@ -197,13 +209,13 @@ def run(workdir: Path, *, ratio: float = 0.5, steps: int = 120, log=print) -> di
 
     adapter_bytes = _weight_bytes(workdir / "adapter-recovered")
     rows = [
-        ("base model (untuned)", ppl(base()), _weight_bytes(base_dir), None),
-        ("base + recovered QLoRAM adapter", ppl(peft.PeftModel.from_pretrained(base(), workdir / "adapter-recovered")),
+        ("base (untuned)", ppl(base()), _weight_bytes(base_dir), None),
+        ("base + recovered QLoRAM", ppl(peft.PeftModel.from_pretrained(base(), workdir / "adapter-recovered")),
          _weight_bytes(base_dir) + adapter_bytes, qloram_run),
-        ("pruned NF4 model + adapter (no recovery)",
+        ("pruned NF4 + adapter",
          ppl(peft.PeftModel.from_pretrained(load_pruned_model(qloram), workdir / "adapter-qloram")),
          _weight_bytes(qloram) + _weight_bytes(workdir / "adapter-qloram"), qloram_run),
-        ("base + LoRA trained on the full model", ppl(peft.PeftModel.from_pretrained(base(), workdir / "adapter-lora-full-base")),
+        ("base + full-model LoRA", ppl(peft.PeftModel.from_pretrained(base(), workdir / "adapter-lora-full-base")),
          _weight_bytes(base_dir) + adapter_bytes, full_run),
     ]  # fmt: skip
     return {

@@ -23,10 +23,10 @@ def register(app: typer.Typer) -> None:
 
         result = run(workdir, ratio=ratio, steps=steps, log=lambda s: err.print(s))
         table = Table(title=f"held-out task data ({result['seconds']:.0f} s in all)")
-        for col in ("model", "perplexity", "parameter bytes", "training peak memory", "training tokens/s"):
+        for col in ("model", "perplexity", "weights", "train peak", "train tok/s"):
             table.add_column(col, justify="left" if col == "model" else "right")
         for r in result["rows"]:
             peak = f"{r['train_peak_bytes'] / 2**20:,.0f} MiB" if r["train_peak_bytes"] else "-"
             tps = f"{r['train_tokens_per_second']:,.0f}" if r["train_tokens_per_second"] else "-"
-            table.add_row(r["model"], f"{r['perplexity']:.2f}", f"{r['parameter_bytes'] / 2**20:.1f} MiB", peak, tps)
+            table.add_row(r["model"], f"{r['perplexity']:.3f}", f"{r['parameter_bytes'] / 2**20:.1f} MiB", peak, tps)
         console.print(table)

@@ -35,8 +35,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "_work")
     ap.add_argument("--ratio", type=float, default=0.85)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--micro-batch", type=int, default=2)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--shapes", default="2x128,1x32", help="micro-batch x seq-len settings to measure")
     args = ap.parse_args()
     work, py = args.workdir, sys.executable
     base = work / "llama-3.2-1b-shape"
@@ -47,16 +46,51 @@ def main() -> None:
     data = work / "train.txt"
     data.write_text("\n\n".join(general_texts(400, seed=1)))
     bundle, nf4 = work / f"bundle-{args.ratio}", work / f"bundle-{args.ratio}-nf4"
-    subprocess.run([py, "-m", "loramkit", "prune", str(base), "--out", str(bundle), "--ratio", str(args.ratio), "--overwrite"], check=True)
-    subprocess.run([py, "-m", "loramkit", "quantize", str(bundle), "--out", str(nf4), "--type", "nf4", "--overwrite"], check=True)
+    if not (bundle / "loram.json").exists():
+        subprocess.run([py, "-m", "loramkit", "prune", str(base), "--out", str(bundle), "--ratio", str(args.ratio)], check=True)
+    if not (nf4 / "loram.json").exists():
+        subprocess.run([py, "-m", "loramkit", "quantize", str(bundle), "--out", str(nf4), "--type", "nf4", "--overwrite"], check=True)
 
-    common = ["--max-steps", str(args.steps), "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len),
+    floor, _ = peak_rss_of([py, "-c", "import loramkit.train.trainer, loramkit.quant, transformers, peft, bitsandbytes"])
+    result = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "model": f"LLaMA-3.2-1B shape (1.24B parameters, bf16), ratio {args.ratio}, {args.steps} steps",
+        "import_floor_rss": floor,
+        "shapes": {},
+    }
+    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    lines = [f"# Training memory and speed ({result['date']}, {result['machine']})", "",
+             f"{result['model']}; every run is its own process; import floor {mib(floor)}.", ""]  # fmt: skip
+    for shape in args.shapes.split(","):
+        mb, seq_len = (int(x) for x in shape.split("x"))
+        runs = measure(py, base, data, bundle, nf4, args.steps, mb, seq_len, work)
+        result["shapes"][shape] = runs
+        ref = runs["PEFT LoRA, full model (bf16)"]
+        lines += [f"## micro-batch {mb} x {seq_len} tokens", "",
+                  "| run | peak RSS | above floor | vs PEFT LoRA (above floor) | tokens/s | vs PEFT LoRA |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, r in runs.items():
+            lines.append(
+                f"| {name} | {mib(r['peak_rss'])} | {mib(r['peak_rss'] - floor)} | "
+                f"{(r['peak_rss'] - floor) / (ref['peak_rss'] - floor):.2f}x | {r['tokens_per_second']:,.1f} | "
+                f"{r['tokens_per_second'] / ref['tokens_per_second']:.2f}x |"
+            )
+        lines.append("")
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / "train_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    (ROOT / "bench" / "results" / "train_memory.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def measure(py: str, base: Path, data: Path, bundle: Path, nf4: Path, steps: int, mb: int, seq_len: int, work: Path) -> dict:
+    """Peak RSS and tokens/s of the three runs at one batch shape."""
+    common = ["--max-steps", str(steps), "--micro-batch", str(mb), "--seq-len", str(seq_len),
               "--rank", "8", "--alpha", "16", "--overwrite"]  # fmt: skip
     runs = {}
-    floor, _ = peak_rss_of([py, "-c", "import loramkit.train.trainer, loramkit.quant, transformers, peft, bitsandbytes"])
     out = work / "baseline.json"
-    rss, _ = peak_rss_of([py, str(ROOT / "bench" / "_peft_baseline.py"), str(base), str(data), str(args.steps),
-                          str(args.micro_batch), str(args.seq_len), str(out)], env={"PYTHONPATH": str(ROOT)})  # fmt: skip
+    rss, _ = peak_rss_of([py, str(ROOT / "bench" / "_peft_baseline.py"), str(base), str(data), str(steps),
+                          str(mb), str(seq_len), str(out)], env={"PYTHONPATH": str(ROOT)})  # fmt: skip
     runs["PEFT LoRA, full model (bf16)"] = {"peak_rss": rss, **json.loads(out.read_text())}
     for name, b in (("loramkit train, LoRAM bundle (bf16)", bundle), ("loramkit train, QLoRAM bundle (NF4)", nf4)):
         adapter = work / f"adapter-{b.name}"
@@ -64,31 +98,7 @@ def main() -> None:
         s = json.loads((adapter / "loram_adapter.json").read_text())["training"]["summary"]
         runs[name] = {"peak_rss": rss, "steps": s["steps"], "tokens": s["tokens"], "seconds": s["seconds"],
                       "tokens_per_second": s["tokens_per_second"]}  # fmt: skip
-    ref = runs["PEFT LoRA, full model (bf16)"]
-    result = {
-        "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "model": f"LLaMA-3.2-1B shape, ratio {args.ratio}, {args.steps} steps x {args.micro_batch} x {args.seq_len} tokens",
-        "import_floor_rss": floor,
-        "runs": runs,
-    }
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "train_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
-    lines = [
-        f"# Training memory and speed ({result['date']}, {result['machine']})", "",
-        f"{result['model']}; import floor {mib(floor)}.", "",
-        "| run | peak RSS | above floor | vs PEFT LoRA (above floor) | tokens/s | vs PEFT LoRA |",
-        "|---|---|---|---|---|---|",
-    ]  # fmt: skip
-    for name, r in runs.items():
-        lines.append(
-            f"| {name} | {mib(r['peak_rss'])} | {mib(r['peak_rss'] - floor)} | "
-            f"{(r['peak_rss'] - floor) / (ref['peak_rss'] - floor):.2f}x | {r['tokens_per_second']:,.1f} | "
-            f"{r['tokens_per_second'] / ref['tokens_per_second']:.2f}x |"
-        )
-    (ROOT / "bench" / "results" / "train_memory.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return runs
 
 
 if __name__ == "__main__":

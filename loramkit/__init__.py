@@ -17,6 +17,8 @@ _LAZY = {
     "recover_adapter": ("recover.adapter", "recover_adapter"),
     "merge_adapter": ("recover.merge", "merge_adapter"),
     "validate_bundle": ("bundle.validate", "validate"),
+    "train": ("train.trainer", "train"),
+    "TrainConfig": ("train.config", "TrainConfig"),
 }
 
 

@@ -184,3 +184,70 @@ def test_two_processes_with_gloo(bundle, text_file, tmp_path):
     model = peft.PeftModel.from_pretrained(load_pruned_model(b), out)
     assert any("lora_A" in n for n, _ in model.named_parameters())
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_gradient_checkpointing_and_bf16_train(bundle, text_file, tmp_path):
+    _, b = bundle
+    s = train(b, text_file, tmp_path / "gc", _cfg(max_steps=12, gradient_checkpointing=True, precision="bf16-mixed",
+                                                  eval_split=0.1, eval_every=4), show_progress=False)  # fmt: skip
+    assert s["eval_loss"] < s["eval_history"][0][1]
+    s = train(b, text_file, tmp_path / "bf16", _cfg(max_steps=2, precision="bf16"), show_progress=False)
+    assert s["steps"] == 2
+
+
+def test_chat_and_instruction_data_train(bundle, tmp_path):
+    _, b = bundle
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus one?"},
+                          {"role": "assistant", "content": f"It is {i + 1}."}]} for i in range(40)]  # fmt: skip
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps(r) for r in rows))
+    s = train(b, chat, tmp_path / "chat", _cfg(max_steps=2, seq_len=64), show_progress=False)
+    assert s["data_format"] == "chat" and s["examples"] == 40
+    inst = tmp_path / "inst.jsonl"
+    inst.write_text("\n".join(json.dumps({"instruction": f"Count to {i}", "output": "1 2 3"}) for i in range(10)))
+    s = train(b, inst, tmp_path / "inst", _cfg(max_steps=1, seq_len=64), show_progress=False)
+    assert s["data_format"] == "instructions"
+
+
+def test_training_on_an_nf4_bundle_lowers_loss_and_recovers(bundle, text_file, tmp_path):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from loramkit.quant import quantize_bundle
+    from loramkit.recover.adapter import recover_adapter
+
+    base, b = bundle
+    nf4 = tmp_path / "nf4"
+    quantize_bundle(b, nf4, quant_type="nf4")
+    s = train(nf4, text_file, tmp_path / "a", _cfg(max_steps=20, precision="bf16-mixed", eval_split=0.1, eval_every=10),
+              show_progress=False)  # fmt: skip
+    assert s["eval_loss"] < s["eval_history"][0][1] - 0.05, s["eval_history"]
+    recover_adapter(tmp_path / "a", tmp_path / "full")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "full")
+
+
+def test_eval_command_measures_models_adapters_and_bundles(bundle, text_file, tmp_path, capsys):
+    from loramkit.cli import run
+
+    base, b = bundle
+    train(b, text_file, tmp_path / "a", _cfg(max_steps=20), show_progress=False)
+    assert run(["recover", str(tmp_path / "a"), "--out", str(tmp_path / "full")]) == 0
+    capsys.readouterr()
+
+    def ev(*args: str) -> dict:
+        assert run(["eval", *args, "--data", str(text_file), "--seq-len", "32", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    plain, tuned = ev(str(base)), ev(str(base), "--adapter", str(tmp_path / "full"))
+    pruned, pruned_tuned = ev(str(b)), ev(str(b), "--adapter", str(tmp_path / "a"))
+    assert tuned["loss"] < plain["loss"] and pruned_tuned["loss"] < pruned["loss"]
+    assert plain["tokens"] == tuned["tokens"] > 0 and 0 <= tuned["accuracy"] <= 1
+    assert abs(plain["perplexity"] - 2.718281828 ** plain["loss"]) < 1e-6 * plain["perplexity"]
+    # The un-recovered adapter does not fit the original model: a one-line refusal.
+    assert run(["eval", str(base), "--adapter", str(tmp_path / "a"), "--data", str(text_file)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "recover it first" in err[0]

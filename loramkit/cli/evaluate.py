@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         model: Annotated[Path, typer.Argument(help="A model directory or a LoRAM bundle.")],
         data: Annotated[Path, typer.Option(help=".txt or .jsonl (same formats as train).")],
         adapter: Annotated[Optional[Path], typer.Option(help="A PEFT LoRA adapter to apply first.")] = None,
-        seq_len: Annotated[int, typer.Option(help="Tokens per example.")] = 512,
+        seq_len: Annotated[Optional[int], typer.Option(help="Tokens per example [default: 512, or less if the model takes less].")] = None,
         micro_batch: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
         data_format: Annotated[str, typer.Option(help="auto | text | jsonl-text | instructions | chat.")] = "auto",
         precision: Annotated[str, typer.Option(help="fp32 | bf16-mixed.")] = "fp32",
@@ -36,7 +36,9 @@ def register(app: typer.Typer) -> None:
             raise LoramError(f"--precision must be fp32 or bf16-mixed, got {precision!r}")
         m = load_model(model, dtype="float32", device=device)
         max_len = getattr(m.config, "max_position_embeddings", None)
-        if max_len is not None and seq_len > max_len:
+        if seq_len is None:
+            seq_len = min(512, max_len or 512)
+        elif max_len is not None and seq_len > max_len:
             raise LoramError(f"--seq-len {seq_len} is longer than the model takes ({max_len})")
         if adapter is not None:
             import peft

@@ -1,7 +1,8 @@
-"""The bundle's model card (README.md): YAML front matter + what the bundle is and how to use it."""
+"""The bundle's model card (README.md): Hub metadata, what the bundle is, how it was made, how to use it."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .manifest import CARD_NAME
@@ -9,51 +10,84 @@ from .manifest import CARD_NAME
 __all__ = ["CARD_NAME", "render"]
 
 
-def render(manifest: dict[str, Any]) -> str:
+def _yaml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid YAML scalar
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def render(manifest: dict[str, Any], repo_id: str | None = None) -> str:
+    """The card for ``manifest``; commands name ``repo_id`` when the bundle is published."""
     base = manifest["base"]["name_or_path"]
-    pr = manifest["pruning"]
-    params = manifest["parameters"]
-    q = manifest.get("quantization")
+    pr, params, q, al = manifest["pruning"], manifest["parameters"], manifest.get("quantization"), manifest.get("alignment")
     tags = ["loram", "pruned", "lora", *(["4-bit", "bitsandbytes", q["quant_type"]] if q else [])]
-    front = "\n".join(
-        ["---", f"base_model: {base}", "library_name: loramkit", "tags:", *(f"- {t}" for t in tags), "---"]
-    )
-    pruned = ", ".join(str(i) for i in pr["pruned_layers"]) or "none"
-    return f"""{front}
+    # The Hub's relations are adapter | merge | quantized | finetune; pruning derives new
+    # weights from the base, the nearest of these is finetune.
+    relation = "quantized" if q else "finetune"
+    front = ["---", f"base_model: {_yaml_str(base)}", f"base_model_relation: {relation}", "library_name: loramkit"]
+    if manifest["base"].get("license"):
+        front.append(f"license: {_yaml_str(manifest['base']['license'])}")
+    front += ["tags:", *(f"- {t}" for t in tags), "---"]
+    files = manifest.get("files", {})
+    weight_bytes = sum(files.get(f, {}).get("size", 0) for f in manifest["weights"]["files"])
+    pruned_layers = pr["pruned_layers"]
+    layer_text = f"{pruned_layers[0]}-{pruned_layers[-1]}" if pruned_layers else "none"
+    here = repo_id or "THIS_BUNDLE"
+    made = [
+        f"- pruning: structured (whole KV groups / heads and MLP channels), importance `{pr['importance']}`, "
+        f"ratio {pr['ratio']}, layers {layer_text} pruned (first {pr['keep_first']} and last {pr['keep_last']} intact), seed {pr['seed']}",
+    ]
+    if pr.get("calibration"):
+        made.append(f"- calibration: `{pr['calibration']['source']}` ({pr['calibration'].get('num_samples', '?')} samples)")
+    if al:
+        made.append(f"- alignment: {al.get('tokens_seen', 0):,} tokens of continual pre-training "
+                    f"(held-out loss {al.get('heldout_loss', {}).get('before', float('nan')):.3f} -> "
+                    f"{al.get('heldout_loss', {}).get('after', float('nan')):.3f})")  # fmt: skip
+    if q:
+        made.append(
+            f"- quantization: decoder-layer Linear weights in bitsandbytes `{q['quant_type']}` (block size {q['blocksize']}"
+            f"{', double quantization' if q['double_quant'] else ''}, compute `{q['compute_dtype']}`); embeddings, norms, "
+            f"biases and `lm_head` stay 16-bit"
+        )
+    ratio = params["original"] / params["pruned"]
+    storage = f"{ratio * 4:.2f}x (parameters / (pruned / 4))" if q else f"{ratio:.2f}x"
+    return "\n".join(front) + f"""
 
 # LoRAM bundle of `{base}`
 
-A structurally pruned copy of `{base}` for **training LoRA adapters with less memory**
-(LoRAM, "Train Small, Infer Large", ICLR 2025). Train on this bundle, then recover the
-adapter onto the original model for inference: the pruned weights are never used at
-inference time.
+A structurally pruned{' and 4-bit quantized' if q else ''} copy of `{base}` for **training LoRA adapters
+with far less memory** (LoRAM, "Train Small, Infer Large", ICLR 2025). Train on this bundle, then
+recover the adapter onto the original model for inference: every original weight is used at
+inference; the pruned weights here serve training only.
 
-| | parameters |
-|---|---|
-| original | {params['original']:,} |
-| pruned | {params['pruned']:,} ({params['pruned'] / params['original']:.1%}) |
+| | parameters | weights on disk |
+|---|---|---|
+| original `{base}` | {params['original']:,} | |
+| this bundle | {params['pruned']:,} ({params['pruned'] / params['original']:.1%}) | {_size(weight_bytes)} |
 
-Pruning: structured, importance `{pr['importance']}`, ratio {pr['ratio']}, seed {pr['seed']};
-layers pruned: {pruned}.{_quantized(manifest)}
+Parameter-storage reduction: {storage}.
+
+## How it was made
+
+{chr(10).join(made)}
+
+## Use it
 
 ```bash
-# train a LoRA adapter on the pruned model (plain PEFT works too: loramkit.load_pruned_model)
-# then map it onto the original model:
-loramkit recover ADAPTER --bundle THIS_BUNDLE --out recovered-adapter
+pip install loramkit
+loramkit train {here} --data train.jsonl --out adapter          # LoRA on the small model
+loramkit recover adapter --out adapter-full                      # standard PEFT adapter for {base}
+loramkit recover adapter --out adapter-full --merge --base {base} --merged-out merged
 ```
 
-The format is specified in loramkit's `specs/bundle-v1.md`; `loramkit validate` checks a copy.
+```python
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({_yaml_str(base)}), "adapter-full")
+```
+
+Bundle `{manifest.get('bundle_id') or '(id set on write)'}`, format {manifest['format_version']}
+(loramkit `specs/bundle-v1.md`); `loramkit validate {here}` checks every file against its sha256.
 """
-
-
-def _quantized(manifest: dict[str, Any]) -> str:
-    q = manifest.get("quantization")
-    if not q:
-        return ""
-    dq = ", double quantization" if q["double_quant"] else ""
-    return (
-        f"\n\nQLoRAM: the decoder layers' Linear weights are stored in 4 bits (bitsandbytes `{q['quant_type']}`, "
-        f"blocksize {q['blocksize']}{dq}; compute dtype `{q['compute_dtype']}`); embeddings, norms, biases and "
-        f"`lm_head` stay `{manifest['weights']['dtype']}`. `loramkit.load_pruned_model` loads them as "
-        "`bitsandbytes.nn.Linear4bit`."
-    )

@@ -1,0 +1,143 @@
+"""Turn what a user typed (a local path or ``org/name[@revision]``) into a local directory.
+
+Downloads go through huggingface_hub's cache, fetch only the files a command needs, and
+every bundle file is checked against the manifest's sha256 before anything reads it.
+With ``HF_HUB_OFFLINE=1`` the cache is used alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..bundle.checkpoint import INDEX_NAME, TOKENIZER_FILES
+from ..bundle.manifest import ADAPTER_RECORD_NAME, MANIFEST_NAME
+from ..errors import BaseModelError, BundleError, LoramError
+
+# org/name, optionally @revision (branch, tag or commit). Hub names: letters, digits, - _ .
+_REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+HF_ENDPOINT = "https://huggingface.co"
+
+# What each use of a bundle needs (patterns relative to the bundle root).
+BUNDLE_METADATA = (MANIFEST_NAME, "config.json", "kept_indices.safetensors", "README.md")
+
+
+@dataclass(frozen=True)
+class HubRef:
+    repo_id: str
+    revision: str | None
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_ref(ref: str | Path) -> Path | HubRef:
+    """An existing local path, else ``org/name[@revision]`` as a Hub reference, else a (missing) path."""
+    text = str(ref)
+    if isinstance(ref, Path) or Path(text).expanduser().exists():
+        return Path(text).expanduser()
+    m = _REPO_ID.match(text)
+    return HubRef(m["repo"], m["rev"]) if m else Path(text)
+
+
+def endpoint_of(endpoint: str | None) -> str:
+    return (endpoint or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT).rstrip("/")
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _configure(endpoint: str) -> None:
+    """Xet is the Hugging Face Hub's own storage: any other endpoint gets plain HTTP and LFS."""
+    from huggingface_hub import constants
+
+    if endpoint != HF_ENDPOINT:
+        constants.HF_HUB_DISABLE_XET = True
+
+
+def download(ref: HubRef, patterns: list[str] | None, *, endpoint: str | None = None, token: str | None = None) -> Path:
+    """``snapshot_download`` of the given files into the cache; returns the snapshot directory."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    ep = endpoint_of(endpoint)
+    _configure(ep)
+    try:
+        path = snapshot_download(
+            ref.repo_id, revision=ref.revision, allow_patterns=patterns, endpoint=ep, token=token,
+            local_files_only=offline(),
+        )  # fmt: skip
+    except RevisionNotFoundError:
+        raise LoramError(f"{ref}: no revision {ref.revision!r} in {ref.repo_id} on {ep}") from None
+    except (RepositoryNotFoundError, GatedRepoError):
+        raise LoramError(
+            f"{ref}: no such local directory, and no such repo on {ep} (or no access: pass --token or set HF_TOKEN)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise LoramError(f"{ref}: not in the local cache and offline (HF_HUB_OFFLINE=1); download it once online") from None
+    except OSError as exc:  # connection errors are OSErrors in requests/httpx
+        raise LoramError(
+            f"{ref}: no such local directory, and downloading it from {ep} failed ({type(exc).__name__}); "
+            "check the path, or the network and the endpoint"
+        ) from None
+    return Path(path)
+
+
+def bundle_dir(ref: str | Path, need: str = "all", *, endpoint: str | None = None, token: str | None = None) -> Path:
+    """A local bundle directory for ``ref``; Hub bundles are downloaded and verified.
+
+    ``need``: ``"all"`` (train, inspect, validate, quantize), or ``"metadata"`` (recover:
+    manifest, config and index maps, not the weights).
+    """
+    from ..bundle import Bundle
+
+    where = parse_ref(ref)
+    if isinstance(where, Path):
+        return where
+    manifest_only = download(where, [MANIFEST_NAME], endpoint=endpoint, token=token)
+    manifest = Bundle(manifest_only).manifest  # version, schema and bundle_id checks before any weight
+    if need == "metadata":
+        wanted = [p for p in BUNDLE_METADATA if p in manifest["files"] or p == MANIFEST_NAME]
+    else:
+        wanted = [MANIFEST_NAME, *manifest["files"]]
+    path = download(where, wanted, endpoint=endpoint, token=token)
+    b = Bundle(path)
+    for rel in wanted:
+        if rel != MANIFEST_NAME:
+            try:
+                b.verify_file(rel)
+            except BundleError as exc:
+                raise BundleError(f"{where}: downloaded {rel} does not match the manifest (altered on the server?): {exc}") from None
+    return path
+
+
+def model_dir(ref: str | Path, *, endpoint: str | None = None, token: str | None = None) -> Path:
+    """A local transformers model directory (config, safetensors weights, tokenizer) for ``ref``."""
+    where = parse_ref(ref)
+    if isinstance(where, Path):
+        return where
+    patterns = ["config.json", "*.safetensors", INDEX_NAME, *TOKENIZER_FILES]
+    path = download(where, patterns, endpoint=endpoint, token=token)
+    if not any(path.glob("*.safetensors")):
+        raise BaseModelError(f"{where}: the repo has no safetensors weights (loramkit never loads pickle checkpoints)")
+    return path
+
+
+def adapter_dir(ref: str | Path, *, endpoint: str | None = None, token: str | None = None) -> Path:
+    """A local PEFT adapter directory for ``ref``."""
+    where = parse_ref(ref)
+    if isinstance(where, Path):
+        return where
+    return download(where, ["adapter_config.json", "adapter_model.safetensors", "README.md", ADAPTER_RECORD_NAME],
+                    endpoint=endpoint, token=token)  # fmt: skip

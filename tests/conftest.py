@@ -37,6 +37,7 @@ import pytest
 import torch
 
 from tests.factory import CASE_NAMES, make_base, tiny_tokenizer
+from tests.hub_server import hub  # noqa: E402,F401  (fixture: loopback Hugging Face Hub, see tests/hub_server.py)
 
 _QUIET_MODULES = ("transformers", "peft", "torch", "safetensors", "tokenizers", "huggingface_hub", "accelerate")
 

@@ -42,9 +42,11 @@ def render(manifest: dict[str, Any], repo_id: str | None = None) -> str:
     if pr.get("calibration"):
         made.append(f"- calibration: `{pr['calibration']['source']}` ({pr['calibration'].get('num_samples', '?')} samples)")
     if al:
-        made.append(f"- alignment: {al.get('tokens_seen', 0):,} tokens of continual pre-training "
-                    f"(held-out loss {al.get('heldout_loss', {}).get('before', float('nan')):.3f} -> "
-                    f"{al.get('heldout_loss', {}).get('after', float('nan')):.3f})")  # fmt: skip
+        loss = al.get("heldout_loss")  # null when nothing was held out (spec 7.2)
+        corpus = (al.get("corpus") or {}).get("description")
+        made.append(f"- alignment: {al.get('tokens_seen', 0):,} tokens of continual pre-training"
+                    + (f" on {corpus}" if corpus else "")
+                    + (f" (held-out loss {loss['before']:.3f} -> {loss['after']:.3f})" if loss else ""))  # fmt: skip
     if q:
         made.append(
             f"- quantization: decoder-layer Linear weights in bitsandbytes `{q['quant_type']}` (block size {q['blocksize']}"

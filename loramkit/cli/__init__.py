@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as _cx
 
 from ..errors import LoramError
-from . import demo, evaluate, inspect, prune, quantize, recover, train, validate
+from . import align, demo, evaluate, inspect, prune, publish, quantize, recover, train, validate
 
 app = typer.Typer(
     name="loramkit",
@@ -28,7 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for module in (prune, quantize, inspect, validate, train, evaluate, recover, demo):
+for module in (prune, quantize, inspect, validate, align, train, evaluate, recover, publish, demo):
     module.register(app)
 
 

@@ -8,3 +8,11 @@ from rich.console import Console
 
 console = Console(highlight=False, soft_wrap=True, markup=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+from typing import Annotated, Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+# Every command that takes a bundle or a model takes a Hub repo id (org/name[@revision]) too.
+Endpoint = Annotated[Optional[str], typer.Option(help="Hub endpoint [default: $HF_ENDPOINT or huggingface.co].")]
+Token = Annotated[Optional[str], typer.Option(help="Hub token [default: $HF_TOKEN or the saved login].")]

@@ -9,21 +9,23 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import LoramError
-from ._common import console
+from ._common import Endpoint, Token, console
 
 
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
-        model: Annotated[Path, typer.Argument(help="A model directory or a LoRAM bundle.")],
+        model: Annotated[str, typer.Argument(help="A model directory, a LoRAM bundle, or a Hub repo id of either.")],
         data: Annotated[Path, typer.Option(help=".txt or .jsonl (same formats as train).")],
-        adapter: Annotated[Optional[Path], typer.Option(help="A PEFT LoRA adapter to apply first.")] = None,
+        adapter: Annotated[Optional[str], typer.Option(help="A PEFT LoRA adapter (directory or Hub repo id) to apply first.")] = None,
         seq_len: Annotated[Optional[int], typer.Option(help="Tokens per example [default: 512, or less if the model takes less].")] = None,
         micro_batch: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
         data_format: Annotated[str, typer.Option(help="auto | text | jsonl-text | instructions | chat.")] = "auto",
         precision: Annotated[str, typer.Option(help="fp32 | bf16-mixed.")] = "fp32",
         device: Annotated[str, typer.Option(help="cpu, cuda ...")] = "cpu",
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+        endpoint: Endpoint = None,
+        token: Token = None,
     ) -> None:
         """Perplexity and next-token accuracy of a model (and adapter) on held-out data."""
         from transformers import AutoTokenizer
@@ -34,7 +36,11 @@ def register(app: typer.Typer) -> None:
 
         if precision not in ("fp32", "bf16-mixed"):
             raise LoramError(f"--precision must be fp32 or bf16-mixed, got {precision!r}")
-        m = load_model(model, dtype="float32", device=device)
+        from ..hub.resolve import adapter_dir, model_or_bundle_dir
+
+        model_path = model_or_bundle_dir(model, endpoint=endpoint, token=token)
+        adapter_path = adapter_dir(adapter, endpoint=endpoint, token=token) if adapter else None
+        m = load_model(model_path, dtype="float32", device=device)
         max_len = getattr(m.config, "max_position_embeddings", None)
         if seq_len is None:
             seq_len = min(512, max_len or 512)
@@ -43,15 +49,15 @@ def register(app: typer.Typer) -> None:
         if adapter is not None:
             import peft
 
-            if not (adapter / "adapter_config.json").is_file():
+            if not (adapter_path / "adapter_config.json").is_file():
                 raise LoramError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
             try:
-                m = peft.PeftModel.from_pretrained(m, adapter)
+                m = peft.PeftModel.from_pretrained(m, adapter_path)
             except (RuntimeError, ValueError) as exc:
                 first = str(exc).strip().splitlines()[0]
                 raise LoramError(f"{adapter}: does not fit {model} ({first}); recover it first if it was trained on a bundle") from None
         try:
-            tok = AutoTokenizer.from_pretrained(model)
+            tok = AutoTokenizer.from_pretrained(model_path)
         except (OSError, ValueError) as exc:
             raise LoramError(f"{model}: no usable tokenizer ({exc})") from None
         examples, fmt = load_examples(data, tok, seq_len, fmt=data_format)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ._common import console
+from ._common import Endpoint, Token, console
 
 
 def summary(path: Path) -> dict[str, Any]:
@@ -75,11 +75,15 @@ def _kept(d: dict[str, int]) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def inspect_cmd(
-        bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+        bundle: Annotated[str, typer.Argument(help="Bundle directory or Hub repo id (org/name[@revision]).")],
+        endpoint: Endpoint = None,
+        token: Token = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     ) -> None:
         """Show what a bundle holds: base, dims per layer, parameters, bytes on disk."""
-        s = summary(bundle)
+        from ..hub.resolve import bundle_dir
+
+        s = summary(bundle_dir(bundle, endpoint=endpoint, token=token))
         if as_json:
             print(json.dumps(s, indent=2))
             return

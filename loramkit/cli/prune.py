@@ -8,13 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import LoramError
-from ._common import console
+from ._common import Endpoint, Token, console
 
 
 def register(app: typer.Typer) -> None:
     @app.command("prune")
     def prune_cmd(
-        base: Annotated[Path, typer.Argument(help="Base model directory (config.json + safetensors).")],
+        base: Annotated[str, typer.Argument(help="Base model: directory (config.json + safetensors) or Hub repo id.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")],
         ratio: Annotated[float, typer.Option(help="Fraction of heads/channels removed per pruned layer, in [0, 1).")],
         importance: Annotated[str, typer.Option(help="random (LoRAM-Rand) | magnitude | taylor (LoRAM-Stru).")] = "magnitude",
@@ -28,6 +28,8 @@ def register(app: typer.Typer) -> None:
         base_revision: Annotated[Optional[str], typer.Option(help="Base commit to record, when known.")] = None,
         quantize: Annotated[Optional[str], typer.Option(help="Also quantize to 4 bits for QLoRAM: nf4 or fp4 (double quant, blocksize 64; see `loramkit quantize`).")] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+        endpoint: Endpoint = None,
+        token: Token = None,
     ) -> None:
         """Prune a base model into a LoRAM bundle (streaming; memory near one tensor)."""
         from ..bundle.checkpoint import parse_size
@@ -38,16 +40,21 @@ def register(app: typer.Typer) -> None:
             parse_size(max_shard_size)
         except ValueError:
             raise LoramError(f"--max-shard-size {max_shard_size!r} is not a size; use e.g. 2GiB, 500MB or a byte count") from None
+        from ..hub.resolve import identity, model_dir
+
+        base_path = model_dir(base, endpoint=endpoint, token=token)
+        repo, commit = identity(base_path, base)  # a Hub base is recorded by repo id and commit
+        base_name, base_revision = base_name or repo, base_revision or commit
         kw = dict(
             importance=importance, calibration=calibration, keep_first=keep_first, keep_last=keep_last,
             seed=seed, device=device, max_shard_size=max_shard_size, base_name=base_name,
             base_revision=base_revision, overwrite=overwrite,
         )  # fmt: skip
         if quantize is None:
-            m = prune(base, out, ratio, **kw)
+            m = prune(base_path, out, ratio, **kw)
         else:
             kw.pop("overwrite")
-            m = prune_quantized(base, out, ratio, quantize, overwrite=overwrite, **kw)
+            m = prune_quantized(base_path, out, ratio, quantize, overwrite=overwrite, **kw)
         p, pl = m["parameters"], m["pruning"]["pruned_layers"]
         layers = f"layers {pl[0]}-{pl[-1]} pruned" if pl else "no layer pruned"
         quantized = f", {m['quantization']['quant_type']} 4-bit" if m["quantization"] else ""

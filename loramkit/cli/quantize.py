@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import console
+from ._common import Endpoint, Token, console
 
 
 def describe(m: dict) -> str:
@@ -25,15 +25,19 @@ def describe(m: dict) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("quantize")
     def quantize_cmd(
-        bundle: Annotated[Path, typer.Argument(help="Bundle to quantize (16/32-bit weights).")],
+        bundle: Annotated[str, typer.Argument(help="Bundle to quantize (16/32-bit weights): directory or Hub repo id.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="4-bit bundle directory to create.")],
         quant_type: Annotated[str, typer.Option("--type", help="4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")] = "nf4",
         double_quant: Annotated[bool, typer.Option(help="Also quantize the per-block constants (QLoRA's double quantization).")] = True,
         blocksize: Annotated[int, typer.Option(help="Values per quantization block: 32, 64, ..., 4096.")] = 64,
         overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+        endpoint: Endpoint = None,
+        token: Token = None,
     ) -> None:
         """Write a 4-bit (bitsandbytes NF4/FP4) copy of a bundle for QLoRAM training (streaming)."""
         from ..quant import quantize_bundle
 
-        m = quantize_bundle(bundle, out, quant_type, double_quant, blocksize, overwrite=overwrite)
+        from ..hub.resolve import bundle_dir
+
+        m = quantize_bundle(bundle_dir(bundle, endpoint=endpoint, token=token), out, quant_type, double_quant, blocksize, overwrite=overwrite)
         console.print(f"wrote {out}: {describe(m)}; bundle {m['bundle_id']}")

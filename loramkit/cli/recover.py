@@ -9,22 +9,25 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import LoramError
-from ._common import console
+from ._common import Endpoint, Token, console
 
 
 def register(app: typer.Typer) -> None:
     @app.command("recover")
     def recover_cmd(
-        adapter: Annotated[Path, typer.Argument(help="PEFT LoRA adapter trained on a bundle's pruned model.")],
+        adapter: Annotated[str, typer.Argument(help="PEFT LoRA adapter trained on a bundle's pruned model (directory or Hub repo id).")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the full-model adapter.")],
-        bundle: Annotated[Optional[Path], typer.Option(help="The bundle it was trained on [default: the one the adapter names].")] = None,
+        bundle: Annotated[Optional[str], typer.Option(help="The bundle it was trained on, directory or Hub repo id [default: the one the adapter records].")] = None,
         merge: Annotated[bool, typer.Option(help="Also write the base model with the adapter merged in.")] = False,
-        base: Annotated[Optional[Path], typer.Option(help="Base model directory, for --merge.")] = None,
+        base: Annotated[Optional[str], typer.Option(help="Base model (directory or Hub repo id), for --merge.")] = None,
         merged_out: Annotated[Optional[Path], typer.Option(help="Where to write the merged model, for --merge.")] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace outputs that exist.")] = False,
+        endpoint: Endpoint = None,
+        token: Token = None,
     ) -> None:
         """Turn an adapter of the pruned model into a standard PEFT adapter of the original model."""
         from ..bundle import Bundle
+        from ..hub.resolve import adapter_dir, bundle_dir, model_dir
         from ..recover.adapter import recover_adapter
         from ..recover.merge import merge_adapter
 
@@ -32,14 +35,36 @@ def register(app: typer.Typer) -> None:
             raise LoramError("--merge needs --base BASE and --merged-out DIR")
         if merged_out is not None and merged_out.exists() and not overwrite:
             raise LoramError(f"{merged_out} already exists; choose another output or pass --overwrite")
+        hub = dict(endpoint=endpoint, token=token)
+        adapter_path = adapter_dir(adapter, **hub)
+        bundle_path = bundle_dir(bundle, "metadata", **hub) if bundle else _recorded_bundle(adapter_path, hub)
+        base_path = model_dir(base, **hub) if merge else None
         existed = out.exists()
-        result = recover_adapter(adapter, out, bundle, overwrite=overwrite)
+        result = recover_adapter(adapter_path, out, bundle_path, overwrite=overwrite)
         console.print(f"wrote {out}: {result['modules']} modules recovered for {result['base']}")
         if merge:
             try:
-                merge_adapter(base, out, merged_out, Bundle(result["bundle"]), overwrite=overwrite)
+                merge_adapter(base_path, out, merged_out, Bundle(result["bundle"]), overwrite=overwrite)
             except BaseException:
                 if not existed:  # all or nothing: a failed merge takes back the adapter it needed
                     shutil.rmtree(out, ignore_errors=True)
                 raise
             console.print(f"wrote {merged_out}: {base} with the adapter merged")
+
+
+def _recorded_bundle(adapter: Path, hub: dict) -> Path | None:
+    """The bundle ``loramkit train`` recorded: its path when it is still there, else its Hub id (cache first)."""
+    from ..bundle.fsutil import read_json
+    from ..bundle.manifest import ADAPTER_RECORD_NAME, MANIFEST_NAME
+    from ..errors import AdapterError
+    from ..hub.resolve import bundle_dir
+
+    record_path = adapter / ADAPTER_RECORD_NAME
+    if not record_path.is_file():
+        return None  # recover_adapter looks at base_model_name_or_path
+    record = read_json(record_path, ADAPTER_RECORD_NAME, AdapterError)
+    if record.get("bundle") and (Path(record["bundle"]) / MANIFEST_NAME).is_file():
+        return Path(record["bundle"])
+    if record.get("bundle_ref"):
+        return bundle_dir(record["bundle_ref"], "metadata", **hub)
+    return None

@@ -9,13 +9,13 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import console, err
+from ._common import Endpoint, Token, console, err
 
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
-        bundle: Annotated[Path, typer.Argument(help="LoRAM bundle (pruned, optionally 4-bit) to train on.")],
+        bundle: Annotated[str, typer.Argument(help="LoRAM bundle (pruned, optionally 4-bit) to train on: directory or Hub repo id.")],
         data: Annotated[Path, typer.Option(help=".txt, or .jsonl with text / instruction+output / messages.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write.")],
         rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank.")] = 8,
@@ -44,6 +44,8 @@ def register(app: typer.Typer) -> None:
         data_format: Annotated[str, typer.Option(help="auto | text | jsonl-text | instructions | chat.")] = "auto",
         device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda when present].")] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+        endpoint: Endpoint = None,
+        token: Token = None,
     ) -> None:
         """Train a LoRA adapter on a bundle's pruned model (runs unchanged under torchrun)."""
         from ..train.config import DEFAULT_TARGETS, TrainConfig
@@ -57,7 +59,12 @@ def register(app: typer.Typer) -> None:
             eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints, data_format=data_format,
         )  # fmt: skip
         main = int(os.environ.get("RANK", "0")) == 0
-        s = train(bundle, data, out, config, eval_data=eval_data, resume=resume, overwrite=overwrite, device=device,
+        from ..hub.resolve import HubRef, bundle_dir, identity, parse_ref
+
+        path = bundle_dir(bundle, endpoint=endpoint, token=token)
+        repo, commit = identity(path, bundle)
+        ref = f"{repo}@{commit}" if repo and commit else (bundle if isinstance(parse_ref(bundle), HubRef) else None)
+        s = train(path, data, out, config, bundle_ref=ref, eval_data=eval_data, resume=resume, overwrite=overwrite, device=device,
                   log=lambda m: err.print(m))  # fmt: skip
         if not main:
             return

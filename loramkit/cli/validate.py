@@ -7,17 +7,23 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, err
+from ._common import Endpoint, Token, console, err
 
 
 def register(app: typer.Typer) -> None:
     @app.command("validate")
-    def validate_cmd(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> None:
+    def validate_cmd(
+        bundle: Annotated[str, typer.Argument(help="Bundle directory or Hub repo id (org/name[@revision]).")],
+        endpoint: Endpoint = None,
+        token: Token = None,
+    ) -> None:
         """Check schema, hashes, shapes and index maps; exit 0 only when the bundle is sound."""
         from ..bundle.manifest import load_manifest
         from ..bundle.validate import validate
+        from ..hub.resolve import bundle_dir
 
-        problems, warnings = validate(bundle)
+        path = bundle_dir(bundle, endpoint=endpoint, token=token)
+        problems, warnings = validate(path)
         for w in warnings:
             err.print(f"warning: {w}")
         for p in problems:
@@ -25,5 +31,5 @@ def register(app: typer.Typer) -> None:
         if problems:
             err.print(f"error: {bundle} is not a sound bundle ({len(problems)} problem(s))")
             raise typer.Exit(1)
-        m = load_manifest(bundle)  # spec section 9: report the format version and bundle_id
+        m = load_manifest(path)  # spec section 9: report the format version and bundle_id
         console.print(f"{bundle}: sound (format {m['format_version']}, {m['bundle_id']})")

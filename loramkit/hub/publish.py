@@ -12,7 +12,7 @@ from ..bundle.fsutil import write_json
 from ..bundle.hashing import sha256_file
 from ..bundle.manifest import MANIFEST_NAME, bundle_id
 from ..errors import BundleError, LoramError
-from .resolve import _configure, endpoint_of
+from .resolve import _configure, endpoint_of, transport_errors
 
 
 def git_blob_oid(path: Path) -> str:
@@ -96,8 +96,18 @@ def publish(
     except HfHubHTTPError as exc:
         first = str(exc).strip().splitlines()[0]
         raise LoramError(f"publishing to {repo_id} on {ep} failed: {first}") from None
-    except OSError as exc:
-        raise LoramError(f"publishing to {repo_id} on {ep} failed ({type(exc).__name__}); re-run to resume") from None
+    except RuntimeError as exc:  # huggingface_hub wraps a failed LFS upload in a RuntimeError
+        if not isinstance(exc.__cause__, (*transport_errors(), HfHubHTTPError)):
+            raise
+        raise LoramError(
+            f"publishing to {repo_id} on {ep} failed ({exc}); re-run the same command to resume: "
+            "uploaded files are not sent again"
+        ) from None
+    except transport_errors() as exc:
+        raise LoramError(
+            f"publishing to {repo_id} on {ep} failed ({type(exc).__name__}: the connection broke); "
+            "re-run the same command to resume: uploaded files are not sent again"
+        ) from None
     return {"commit": commit.oid, "commit_url": commit.commit_url, "changed": changed, "deleted": stale, "tag": tag, "repo_id": repo_id}
 
 

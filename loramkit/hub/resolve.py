@@ -24,6 +24,18 @@ HF_ENDPOINT = "https://huggingface.co"
 BUNDLE_METADATA = (MANIFEST_NAME, "config.json", "kept_indices.safetensors", "README.md")
 
 
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """Network failures as huggingface_hub raises them: its HTTP client's transport errors (the
+    client changed from requests to httpx to httpx2 across releases) and OSError."""
+    errors: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
 @dataclass(frozen=True)
 class HubRef:
     repo_id: str
@@ -47,18 +59,20 @@ def endpoint_of(endpoint: str | None) -> str:
 
 
 def offline() -> bool:
-    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    """huggingface_hub's offline switch (HF_HUB_OFFLINE, read when huggingface_hub is imported)."""
     from huggingface_hub import constants
 
-    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return constants.is_offline_mode()
 
 
 def _configure(endpoint: str) -> None:
-    """Xet is the Hugging Face Hub's own storage: any other endpoint gets plain HTTP and LFS."""
+    """Xet is the Hugging Face Hub's own storage: any other endpoint gets plain HTTP and LFS,
+    and no telemetry call to huggingface.co (which the client would make whatever the endpoint)."""
     from huggingface_hub import constants
 
     if endpoint != HF_ENDPOINT:
         constants.HF_HUB_DISABLE_XET = True
+        constants.HF_HUB_DISABLE_TELEMETRY = True
 
 
 def download(ref: HubRef, patterns: list[str] | None, *, endpoint: str | None = None, token: str | None = None) -> Path:
@@ -86,7 +100,7 @@ def download(ref: HubRef, patterns: list[str] | None, *, endpoint: str | None = 
         ) from None
     except LocalEntryNotFoundError:
         raise LoramError(f"{ref}: not in the local cache and offline (HF_HUB_OFFLINE=1); download it once online") from None
-    except OSError as exc:  # connection errors are OSErrors in requests/httpx
+    except transport_errors() as exc:
         raise LoramError(
             f"{ref}: no such local directory, and downloading it from {ep} failed ({type(exc).__name__}); "
             "check the path, or the network and the endpoint"
@@ -122,6 +136,14 @@ def bundle_dir(ref: str | Path, need: str = "all", *, endpoint: str | None = Non
     return path
 
 
+def identity(path: Path, ref: str | Path) -> tuple[str | None, str | None]:
+    """(repo id, commit sha) of a Hub download, from the cache's snapshots/<commit> layout; (None, None) locally."""
+    where = parse_ref(ref)
+    if isinstance(where, Path):
+        return None, None
+    return where.repo_id, path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else None
+
+
 def model_dir(ref: str | Path, *, endpoint: str | None = None, token: str | None = None) -> Path:
     """A local transformers model directory (config, safetensors weights, tokenizer) for ``ref``."""
     where = parse_ref(ref)
@@ -132,6 +154,16 @@ def model_dir(ref: str | Path, *, endpoint: str | None = None, token: str | None
     if not any(path.glob("*.safetensors")):
         raise BaseModelError(f"{where}: the repo has no safetensors weights (loramkit never loads pickle checkpoints)")
     return path
+
+
+def model_or_bundle_dir(ref: str | Path, *, endpoint: str | None = None, token: str | None = None) -> Path:
+    """A local bundle (when the repo holds one) or model directory for ``ref``."""
+    where = parse_ref(ref)
+    if isinstance(where, Path):
+        return where
+    if (download(where, [MANIFEST_NAME, "config.json"], endpoint=endpoint, token=token) / MANIFEST_NAME).is_file():
+        return bundle_dir(where.repo_id + (f"@{where.revision}" if where.revision else ""), endpoint=endpoint, token=token)
+    return model_dir(ref, endpoint=endpoint, token=token)
 
 
 def adapter_dir(ref: str | Path, *, endpoint: str | None = None, token: str | None = None) -> Path:

@@ -1,7 +1,9 @@
-"""Training checkpoints as safetensors + JSON (never pickle): LoRA weights, optimizer, position.
+"""Training checkpoints as safetensors + JSON (never pickle): trained tensors, optimizer, position.
 
 A checkpoint is a directory ``step-NNNNNNN`` written under a temporary name and renamed,
-so the newest complete one is always safe to resume from.
+so the newest complete one is always safe to resume from. It holds ``trainable.safetensors``
+(the trained tensors by parameter name: LoRA matrices, or every weight of an aligned model),
+``optimizer.safetensors`` and ``state.json`` (step, run identity, the optimizer's scalars).
 """
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ from safetensors.torch import load_file, save_file
 from ..errors import LoramError
 
 
+TENSORS_NAME = "trainable.safetensors"
+
+
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state_dict -> (tensors, JSON rest). Keys: ``state.<param>.<name>``."""
+    """Optimizer state_dict -> (tensors, JSON rest). Keys: ``state.<param>.<name>``.
+
+    ``<param>`` is the parameter's index (``Optimizer.state_dict``) or its name (FSDP's full
+    optimizer state dict); ``<name>`` (``exp_avg``, ``step``, ...) never holds a dot.
+    """
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, entry in state["state"].items():
@@ -33,24 +42,38 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[int | str, dict[str, Any]] = {}
     for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
+        idx, name = key.split(".", 1)[1].rsplit(".", 1)
+        state.setdefault(_param_key(idx), {})[name] = value
     for idx, entry in rest["scalars"].items():
-        state.setdefault(int(idx), {}).update(entry)
+        state.setdefault(_param_key(idx), {}).update(entry)
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def save(root: Path, step: int, lora: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, meta: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep``."""
+def _param_key(idx: str) -> int | str:
+    return int(idx) if idx.isdigit() else idx
+
+
+def save(
+    root: Path, step: int, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | dict[str, Any],
+    meta: dict[str, Any], keep: int = 2,
+) -> Path:  # fmt: skip
+    """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep``.
+
+    Args:
+        tensors: the trained tensors by name (each distinct: tied parameters once).
+        optimizer: an optimizer, or its (full) state dict.
+        meta: JSON-serializable run state (identity, tokens seen, loss history).
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".step-{step:07d}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
-        opt_tensors, opt_rest = _flatten_optimizer(optimizer.state_dict())
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_NAME))
+        opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        opt_tensors, opt_rest = _flatten_optimizer(opt_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, **meta, "optimizer": opt_rest}, indent=1))
         if final.exists():
@@ -69,11 +92,11 @@ def latest(root: Path) -> Path | None:
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(LoRA tensors, optimizer state_dict, meta) of one checkpoint directory."""
+    """(trained tensors, optimizer state_dict, meta) of one checkpoint directory."""
     try:
         meta = json.loads((path / "state.json").read_text())
-        lora = load_file(str(path / "lora.safetensors"))
+        tensors = load_file(str(path / TENSORS_NAME))
         opt = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta.pop("optimizer"))
     except (OSError, ValueError, KeyError) as exc:
         raise LoramError(f"{path}: unreadable checkpoint ({exc}); delete it to resume from an earlier one") from None
-    return lora, opt, meta
+    return tensors, opt, meta

@@ -43,3 +43,39 @@ class TrainConfig:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
         return d
+
+
+@dataclass
+class AlignConfig:
+    """Continual pre-training of a pruned model (METHOD.md step 2), full-parameter.
+
+    Defaults follow the paper where it says (lr 5e-5, cosine, 100 warmup steps, sequences
+    of 512; its global batch was 128 x 512 tokens: set ``micro_batch * grad_accum * processes``).
+    """
+
+    lr: float = 5e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0  # None or 0: no clipping
+    tokens: int | None = None  # token budget: steps = ceil(tokens / global batch tokens)
+    max_steps: int | None = None  # instead of tokens; neither: one pass over the corpus
+    micro_batch: int = 4
+    grad_accum: int = 1
+    seq_len: int = 512
+    # lm_head stays frozen, as in the paper (and with tied embeddings the input embedding,
+    # which is the same tensor); True trains it too.
+    train_lm_head: bool = False
+    gradient_checkpointing: bool = False
+    # bf16-mixed: fp32 master weights, bf16 autocast (the default); bf16: weights, gradients
+    # and optimizer state in bf16 (small updates may round away); fp32: no autocast.
+    precision: str = "bf16-mixed"
+    seed: int = 0
+    eval_split: float = 0.01  # fraction of the corpus's blocks held out (at least one) without eval data
+    eval_every: int = 0  # 0: before and after only
+    save_every: int = 0  # 0: no intermediate checkpoints
+    keep_checkpoints: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
+    log_every: int = 50  # progress line every N steps when no progress bar is shown (0: never)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

@@ -52,6 +52,7 @@ Example::
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import logging
 from collections import Counter
@@ -75,6 +76,7 @@ __all__ = [
     "load_examples_with_stats",
     "collate",
     "data_digest",
+    "document_tokens",
 ]
 
 log = logging.getLogger(__name__)
@@ -360,30 +362,42 @@ def _text_of(row: Any) -> str:
     return text
 
 
-def _batched(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def document_tokens(docs: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
+    """Each document's token ids with its separators: ``[bos] ids [eos]``.
+
+    bos and eos are added when the tokenizer has them; bos is not repeated right after an
+    eos with the same id (GPT-2), so consecutive documents are separated by one token.
+    Concatenated, the pieces are the token stream the text formats are packed from.
+    """
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    last: int | None = None  # last token of the stream so far
+    for batch in _batched(docs, _TOKENIZE_BATCH):
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            piece = [bos] if bos is not None and last != bos else []  # bos == eos (GPT-2): one separator, not two
+            piece.extend(ids)
+            if eos is not None:
+                piece.append(eos)
+            last = piece[-1] if piece else last
+            yield piece
 
 
 def _packed(
     path: Path,
     docs: Sequence[str], tokenizer: Any, seq_len: int, fmt: str, *, rows: int, skips: Counter
 ) -> tuple[list[Example], DataStats]:
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     blocks: list[list[int]] = []
     stream: list[int] = []  # tokens not yet in a block (< seq_len after each document)
-    last: int | None = None  # last token appended to the stream
-    for batch in _batched(docs, _TOKENIZE_BATCH):
-        for ids in tokenizer(list(batch), add_special_tokens=False, verbose=False)["input_ids"]:
-            if bos is not None and last != bos:  # bos == eos (GPT-2): one separator, not two
-                stream.append(bos)
-            stream.extend(ids)
-            if eos is not None:
-                stream.append(eos)
-            last = stream[-1] if stream else last
-            full = len(stream) // seq_len * seq_len
-            blocks.extend(stream[s : s + seq_len] for s in range(0, full, seq_len))
-            del stream[:full]
+    for piece in document_tokens(docs, tokenizer):
+        stream.extend(piece)
+        full = len(stream) // seq_len * seq_len
+        blocks.extend(stream[s : s + seq_len] for s in range(0, full, seq_len))
+        del stream[:full]
     tail = len(stream)
     if not blocks and stream:  # shorter than one block: keep it whole, unpadded
         blocks, tail = [stream], 0

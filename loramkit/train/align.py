@@ -1,0 +1,369 @@
+"""``loramkit align``: continual pre-training of a bundle's pruned model (METHOD.md step 2).
+
+Pruning removes knowledge; a short full-parameter pre-training of the pruned model on general
+text brings its outputs back close to the original's, which makes adapters trained on it fit
+the original better. Every weight of the pruned model trains except ``lm_head`` (and, with
+tied embeddings, the input embedding, which is the same tensor), as in the paper.
+
+The result is a new bundle with the layout of the input: the same tensor names, dtypes (the
+trained fp32 master weights are rounded back to the bundle's dtype), shapes, shard files and
+index file, the same index maps, config and tokenizer byte for byte, and a manifest whose
+``alignment`` section (specs/bundle-v1.md 7.2) records the parent bundle, the corpus, tokens
+seen, steps, hyperparameters and held-out loss before and after. ``base`` and ``index_maps``
+are unchanged, so an adapter trained on the aligned bundle recovers onto the original model.
+
+The step loop is :mod:`loramkit.train.loop` (shared with ``loramkit train``): the same data
+order, checkpoints, bitwise resume and DDP under ``torchrun``; ``fsdp=True`` shards the model
+over the processes instead (FSDP2), for a pruned model whose weights, gradients and optimizer
+state do not fit one device.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..bundle import Bundle, card
+from ..bundle.fsutil import staged_dir
+from ..bundle.manifest import CARD_NAME
+from ..bundle.safetensors_io import DTYPES, StreamingWriter
+from ..bundle.writer import finalize, new_manifest
+from ..errors import LoramError, OutputExistsError
+from . import checkpoint
+from .config import PRECISIONS, AlignConfig
+from .corpus import Corpus, PackedBlocks, load_corpus
+from .loop import ADAMW_BETAS, ADAMW_EPS, LoopConfig, dist_init, full_tensors, pick_device, run_loop
+
+__all__ = ["align", "heldout_indices", "trainable_parameters"]
+
+# Options that do not change what is computed: a checkpoint resumes across them.
+_NOT_IDENTITY = ("save_every", "keep_checkpoints", "log_every")
+
+
+def trainable_parameters(model: nn.Module, train_lm_head: bool = False) -> dict[str, nn.Parameter]:
+    """Set ``requires_grad`` on every parameter: all train but ``lm_head`` unless ``train_lm_head``.
+
+    With tied embeddings the input embedding IS ``lm_head.weight`` (one tensor), so it is
+    frozen with it. ``named_parameters`` lists a tied tensor once, under its embedding name.
+
+    Returns:
+        The trainable parameters by name, in ``named_parameters`` order.
+    """
+    head = model.get_output_embeddings().weight
+    trainable = {}
+    for name, p in model.named_parameters():
+        p.requires_grad_(train_lm_head or p is not head)
+        if p.requires_grad:
+            trainable[name] = p
+    return trainable
+
+
+def heldout_indices(n: int, fraction: float) -> list[int]:
+    """``max(1, floor(n * fraction))`` block indices spread evenly over ``n`` blocks.
+
+    Spread rather than the tail, so that the held-out set samples every part of a corpus
+    (the last blocks of a sorted directory are all from its last file).
+    """
+    k = max(1, int(n * fraction))
+    if k >= n:
+        raise LoramError(
+            f"the corpus has {n} block(s), too few to hold out {fraction:.0%} and train on the rest; "
+            "add text, lower --seq-len, or pass --eval-data"
+        )
+    return [int((i + 0.5) * n / k) for i in range(k)]  # distinct: n / k > 1
+
+
+def _check(config: AlignConfig, model_max_len: int | None, world: int) -> None:
+    if config.precision not in PRECISIONS:
+        raise LoramError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    if config.micro_batch < 1 or config.grad_accum < 1 or config.seq_len < 2:
+        raise LoramError("micro-batch and grad-accum must be >= 1 and seq-len >= 2")
+    if model_max_len is not None and config.seq_len > model_max_len:
+        raise LoramError(
+            f"--seq-len {config.seq_len} is longer than the model takes (max_position_embeddings {model_max_len}); "
+            f"use --seq-len {model_max_len} or less"
+        )
+    if config.tokens is not None and config.max_steps is not None:
+        raise LoramError("pass --tokens or --max-steps, not both")
+    if (config.tokens is not None and config.tokens < 1) or (config.max_steps is not None and config.max_steps < 1):
+        raise LoramError("--tokens and --max-steps must be at least 1")
+    if not 0 <= config.eval_split < 1:
+        raise LoramError("--eval-split must be in [0, 1)")
+    if config.lr <= 0 or config.warmup_steps < 0 or config.weight_decay < 0:
+        raise LoramError("--lr must be positive, --warmup-steps and --weight-decay not negative")
+    if config.fsdp and world < 2:
+        raise LoramError("--fsdp shards the model over several processes; launch with torchrun --nproc_per_node N (N >= 2)")
+
+
+def _enable_activation_checkpointing(model: nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - older transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def align(
+    bundle: str | Path | Bundle,
+    data: str | Path,
+    out: str | Path,
+    config: AlignConfig | None = None,
+    *,
+    description: str = "",
+    eval_data: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    show_progress: bool = True,
+    stop_after: int | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Continually pre-train ``bundle``'s pruned model on ``data`` and write the aligned bundle to ``out``.
+
+    Checkpoints go to ``<out>.ckpt/`` every ``config.save_every`` steps; ``resume=True``
+    continues from the newest one (and gives bitwise the bundle an uninterrupted run gives).
+    ``stop_after`` ends the run after that many steps as an interruption would.
+
+    Args:
+        data: the corpus: a ``.txt`` / ``.jsonl`` file or a directory of them (see
+            :mod:`loramkit.train.corpus`).
+        description: free text recorded as ``alignment.corpus.description`` (e.g. the sources and mix).
+        eval_data: a held-out corpus; without it ``config.eval_split`` of the blocks is held out.
+
+    Returns:
+        The run summary (steps, tokens, seconds, tokens/s, peak memory, held-out losses) and,
+        on rank 0, the new bundle's ``manifest``.
+
+    Raises:
+        LoramError: a 4-bit bundle (align the 16-bit one, then quantize), ``out`` exists
+            without ``overwrite``, a corpus without usable text, bad options, or a checkpoint
+            of another run. Nothing is written then.
+
+    Example:
+        >>> align("llama-loram-0.85", "fineweb-sample/", "llama-loram-0.85-aligned",
+        ...       AlignConfig(tokens=100_000_000), description="FineWeb:OpenWebMath 2:1")["heldout_loss_after"]
+    """
+    from transformers import AutoTokenizer
+
+    from ..model.loader import load_pruned_model
+
+    config = config or AlignConfig()
+    rank, world = dist_init()
+    out = Path(out)
+    ckpt_root = out.with_name(out.name + ".ckpt")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
+    if resume and checkpoint.latest(ckpt_root) is None:
+        raise LoramError(f"nothing to resume: no checkpoint in {ckpt_root} (align with --save-every N to make them)")
+    b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    q = b.manifest.get("quantization")
+    if q is not None:
+        raise LoramError(
+            f"{b.path} is a 4-bit ({q['quant_type']}) bundle, which cannot be aligned: align the 16-bit bundle "
+            "it was quantized from first, then quantize the aligned bundle (loramkit quantize)"
+        )
+    if out.resolve() == b.path.resolve():
+        raise LoramError(f"{out} is the bundle being aligned; write the aligned bundle to another directory")
+    _check(config, b.config.get("max_position_embeddings"), world)
+    dev = pick_device(device, world)
+
+    try:
+        tok = AutoTokenizer.from_pretrained(b.path)
+    except (OSError, ValueError) as exc:
+        raise LoramError(f"{b.path}: the bundle has no usable tokenizer ({exc}); re-prune a base that ships one") from None
+    corpus = load_corpus(data, tok, config.seq_len)
+    blocks, held_out, heldout_info = _split(corpus, eval_data, tok, config)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    global_batch = config.micro_batch * config.grad_accum * world
+    batch_tokens = global_batch * config.seq_len
+    if config.max_steps is not None:
+        total = config.max_steps
+    elif config.tokens is not None:
+        total = math.ceil(config.tokens / batch_tokens)
+    else:
+        total = max(1, math.ceil(len(blocks) / global_batch))  # one pass over the corpus
+    if rank == 0:
+        skipped = f", {corpus.skipped_rows} rows without text skipped" if corpus.skipped_rows else ""
+        log(f"{data}: {len(corpus.files)} file(s), {corpus.documents:,} documents, {corpus.num_tokens:,} tokens{skipped}; "
+            f"{len(blocks):,} blocks of {config.seq_len} to train on, {len(held_out):,} held out")  # fmt: skip
+        log(f"align: {total:,} steps of {global_batch} x {config.seq_len} = {batch_tokens:,} tokens "
+            f"({total * batch_tokens:,} tokens, {total * global_batch / len(blocks):.2f} passes over the corpus)")  # fmt: skip
+        if config.warmup_steps >= total:
+            log(f"note: --warmup-steps {config.warmup_steps} is not shorter than the run ({total} steps); "
+                "the learning rate never reaches --lr")  # fmt: skip
+        if not held_out:
+            log("note: nothing is held out (--eval-split 0 and no --eval-data): the manifest records no held-out loss")
+
+    autocast = config.precision == "bf16-mixed"
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32  # bf16-mixed: fp32 master weights
+    # Under FSDP every process loads the model on the CPU and keeps only its shards on the device.
+    model = load_pruned_model(b, dtype=dtype, device="cpu" if config.fsdp else dev)
+    if config.gradient_checkpointing:
+        _enable_activation_checkpointing(model)
+    trainable = trainable_parameters(model, config.train_lm_head)
+    loop = LoopConfig(
+        total_steps=total, lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
+        micro_batch=config.micro_batch, grad_accum=config.grad_accum, seed=config.seed, autocast=autocast,
+        max_grad_norm=config.max_grad_norm or None, eval_every=config.eval_every, eval_at_start=True,
+        save_every=config.save_every, log_every=config.log_every, fsdp=config.fsdp, label="align",
+    )  # fmt: skip
+    identity = {
+        "bundle_id": b.bundle_id,
+        "corpus_sha256": corpus.sha256,
+        "heldout": heldout_info,
+        "config": {k: v for k, v in config.to_json().items() if k not in _NOT_IDENTITY},
+        "world": world,
+    }
+    r = run_loop(model, trainable, blocks, held_out, pad_id, loop, device=dev, rank=rank, world=world,
+                 ckpt_root=ckpt_root, identity=identity, resume=resume, stop_after=stop_after,
+                 show_progress=show_progress, log=log)  # fmt: skip
+    if r.interrupted:
+        return {"steps": r.steps, "interrupted": True, "checkpoint_dir": str(ckpt_root)}
+
+    before = r.eval_history[0][1] if held_out else None
+    after = r.final_eval["loss"] if r.final_eval else None
+    alignment = {
+        "parent_bundle_id": b.bundle_id,
+        "corpus": {
+            "sha256": corpus.sha256,
+            "description": description,
+            "num_tokens": corpus.num_tokens,
+            "files": len(corpus.files),
+            "documents": corpus.documents,
+        },
+        "tokens_seen": r.tokens_seen,
+        "steps": r.steps,
+        "hyperparameters": {
+            "optimizer": "adamw",
+            "lr": config.lr,
+            "betas": list(ADAMW_BETAS),
+            "eps": ADAMW_EPS,
+            "weight_decay": config.weight_decay,
+            "schedule": "cosine",
+            "warmup_steps": config.warmup_steps,
+            "max_grad_norm": config.max_grad_norm or None,
+            "seq_len": config.seq_len,
+            "micro_batch": config.micro_batch,
+            "grad_accum": config.grad_accum,
+            "world_size": world,
+            "global_batch_tokens": batch_tokens,
+            "precision": config.precision,
+            "train_lm_head": config.train_lm_head,
+            "seed": config.seed,
+            "distributed": ("fsdp" if config.fsdp else "ddp") if world > 1 else None,
+        },
+        "heldout_loss": None if before is None else {
+            "before": round(before, 6), "after": round(after, 6), "num_tokens": r.final_eval["tokens"], **heldout_info,
+        },  # fmt: skip
+    }
+    if b.manifest.get("alignment") is not None:
+        alignment["previous"] = b.manifest["alignment"]  # aligning an aligned bundle keeps the history
+    summary = {
+        "parent_bundle_id": b.bundle_id,
+        "steps": r.steps,
+        "tokens_seen": r.tokens_seen,
+        "seconds": round(r.seconds, 3),
+        "tokens_per_second": r.tokens_per_second,
+        "peak_memory_bytes": r.peak_memory_bytes,
+        "final_train_loss": r.history[-1] if r.history else None,
+        "heldout_loss_before": before,
+        "heldout_loss_after": after,
+        "eval_history": r.eval_history,
+        "corpus": alignment["corpus"] | {"blocks": len(blocks), "heldout_blocks": len(held_out)},
+        "world_size": world,
+        "device": str(dev),
+    }
+
+    # Rank 0 writes; under FSDP the others take part in gathering each trained tensor.
+    params = dict(r.model.named_parameters())
+    with b.weights() as ckpt:
+        order = _tensor_order(b, ckpt)
+    missing = sorted(set(trainable) - set(order))
+    if missing:  # a bug, never a user error: every parameter is stored under its name
+        raise RuntimeError(f"trained parameter {missing[0]} is not in the bundle's weight files")
+    gathered = full_tensors(params, [n for n in order if n in trainable])
+    if rank == 0:
+        summary["manifest"] = _write_bundle(b, out, overwrite, set(trainable), gathered, alignment)
+        summary["bundle_id"] = summary["manifest"]["bundle_id"]
+        if not config.keep_checkpoints:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+    elif config.fsdp:
+        for _ in gathered:
+            pass
+    if world > 1:
+        torch.distributed.barrier()
+    return summary
+
+
+def _split(
+    corpus: Corpus, eval_data: str | Path | None, tok: Any, config: AlignConfig
+) -> tuple[PackedBlocks, PackedBlocks, dict[str, Any]]:
+    """(training blocks, held-out blocks, what the manifest says about the held-out set)."""
+    if eval_data is not None:
+        held = load_corpus(eval_data, tok, config.seq_len)
+        return corpus.blocks, held.blocks, {"corpus_sha256": held.sha256}
+    if config.eval_split == 0:
+        return corpus.blocks, corpus.blocks[:0], {}
+    n = len(corpus.blocks)
+    held = heldout_indices(n, config.eval_split)
+    held_set = set(held)
+    train = [i for i in range(n) if i not in held_set]
+    return corpus.blocks.select(train), corpus.blocks.select(held), {"split": config.eval_split}
+
+
+def _tensor_order(b: Bundle, ckpt: Any) -> list[str]:
+    """Every stored tensor, file by file (``weights.files`` order), in each file's data order."""
+    order = []
+    for file in b.manifest["weights"]["files"]:
+        tensors = ckpt.readers[file].tensors
+        order += sorted(tensors, key=lambda n: tensors[n].start)
+    return order
+
+
+def _write_bundle(
+    b: Bundle, out: Path, overwrite: bool, trained_names: set[str], trained: Iterator[tuple[str, torch.Tensor]],
+    alignment: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The aligned bundle: ``b``'s layout with the trained tensors in place, written atomically.
+
+    ``trained`` yields ``(name, tensor)`` for ``trained_names`` in the order they are stored.
+    """
+    m = b.manifest
+    weight_files = set(m["weights"]["files"])
+    for rel in m["files"]:  # everything copied below is what the manifest names
+        if rel != CARD_NAME and rel not in weight_files:
+            b.verify_file(rel)
+    with b.weights() as ckpt, staged_dir(out, overwrite) as tmp:
+        sha: dict[str, str] = {}
+        for file in m["weights"]["files"]:
+            reader = ckpt.readers[file]
+            names = sorted(reader.tensors, key=lambda n: reader.tensors[n].start)
+            entries = [(n, reader.tensors[n].dtype, reader.tensors[n].shape) for n in names]
+            writer = StreamingWriter(tmp / file, entries, reader.metadata or None)
+            try:
+                for name, dtype, _ in entries:
+                    if name in trained_names:
+                        got, tensor = next(trained)
+                        if got != name:  # a bug: the gather order is the write order
+                            raise RuntimeError(f"expected {name}, gathered {got}")
+                        writer.write(name, tensor.to(device="cpu", dtype=DTYPES[dtype]))
+                    else:  # frozen: byte for byte
+                        writer.copy_from(reader, name)
+                sha[file] = writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        for rel in m["files"]:  # index maps, index file, config, tokenizer: byte for byte
+            if rel != CARD_NAME and rel not in weight_files:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(b.path / rel, tmp / rel)
+        keep = {k: v for k, v in m.items() if k not in ("format", "format_version", "created_by", "created_at", "bundle_id", "files")}
+        manifest = new_manifest(**(keep | {"alignment": alignment}))
+        (tmp / CARD_NAME).write_text(card.render(manifest), encoding="utf-8")
+        return finalize(tmp, manifest, sha)

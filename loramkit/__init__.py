@@ -18,6 +18,8 @@ _LAZY = {
     "merge_adapter": ("recover.merge", "merge_adapter"),
     "validate_bundle": ("bundle.validate", "validate"),
     "train": ("train.trainer", "train"),
+    "align": ("train.align", "align"),
+    "AlignConfig": ("train.config", "AlignConfig"),
     "TrainConfig": ("train.config", "TrainConfig"),
 }
 

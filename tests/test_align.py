@@ -144,11 +144,14 @@ def test_aligned_bundle_keeps_the_layout_trains_every_weight_but_lm_head_and_val
 def test_tied_embedding_is_lm_head_frozen_unless_asked(make_base_dir, text_file, tmp_path, train_lm_head):
     b = tmp_path / "tied"
     prune(make_base_dir("llama_tied"), b, 0.5, show_progress=False)
-    _align(b, text_file, tmp_path / "out", _cfg(max_steps=2, train_lm_head=train_lm_head, eval_split=0))
+    # Activation checkpointing with a frozen embedding: the layers' inputs need no grad, the layers still train.
+    cfg = _cfg(max_steps=2, train_lm_head=train_lm_head, gradient_checkpointing=not train_lm_head, eval_split=0)
+    _align(b, text_file, tmp_path / "out", cfg)
     old, new = load_file(str(b / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
     assert "lm_head.weight" not in new  # tied: stored once, as the embedding
     assert torch.equal(old["model.embed_tokens.weight"], new["model.embed_tokens.weight"]) is not train_lm_head
-    assert not torch.equal(old["model.norm.weight"], new["model.norm.weight"])
+    for name in ("model.norm.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.7.mlp.down_proj.weight"):
+        assert not torch.equal(old[name], new[name]), name
     assert validate(tmp_path / "out") == ([], [])
 
 
@@ -158,6 +161,22 @@ def test_train_lm_head_trains_an_untied_lm_head(bundle, text_file, tmp_path):
     old, new = load_file(str(b / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
     assert not torch.equal(old["lm_head.weight"], new["lm_head.weight"])
     assert s["manifest"]["alignment"]["hyperparameters"]["train_lm_head"] is True
+
+
+def test_a_sharded_bundle_keeps_its_shards_and_index(make_base_dir, text_file, tmp_path):
+    b = tmp_path / "sharded"
+    prune(make_base_dir("llama_gqa"), b, 0.5, max_shard_size="400KB", show_progress=False)
+    parent = Bundle(b).manifest
+    assert len(parent["weights"]["files"]) > 1
+    s = _align(b, text_file, tmp_path / "out", _cfg(max_steps=1, precision="bf16", eval_split=0))
+    child = s["manifest"]
+    assert child["weights"] == parent["weights"]
+    index = parent["weights"]["index"]
+    assert (tmp_path / "out" / index).read_bytes() == (b / index).read_bytes()
+    for file in parent["weights"]["files"]:
+        old, new = load_file(str(b / file)), load_file(str(tmp_path / "out" / file))
+        assert [(k, v.dtype, v.shape) for k, v in old.items()] == [(k, v.dtype, v.shape) for k, v in new.items()]
+    assert validate(tmp_path / "out") == ([], [])
 
 
 def test_token_budget_sets_the_steps_and_no_held_out_set_records_null(bundle, text_file, tmp_path):
@@ -228,6 +247,17 @@ def test_refusals(bundle, text_file, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(LoramError, match="already exists"):
         _align(b, text_file, tmp_path / "out", _cfg())
+
+
+def test_a_diverged_run_writes_nothing(bundle, text_file, tmp_path, monkeypatch):
+    """NaN is not JSON a reader accepts (spec 2): no manifest may record it."""
+    import loramkit.train.loop as loop
+
+    _, b = bundle
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: {"loss": float("nan"), "tokens": 31})
+    with pytest.raises(LoramError, match="training diverged"):
+        _align(b, text_file, tmp_path / "out", _cfg(max_steps=1))
+    assert not (tmp_path / "out").exists()
 
 
 def test_heldout_blocks_are_spread_over_the_corpus():

@@ -27,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts say "[default: ...]" literally
 )
 for module in (prune, quantize, inspect, validate, align, train, evaluate, recover, publish, demo):
     module.register(app)

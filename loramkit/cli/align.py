@@ -8,17 +8,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import console, err
+from ._common import Endpoint, Token, console, err
 
 
 def register(app: typer.Typer) -> None:
     @app.command("align")
     def align_cmd(
-        bundle: Annotated[Path, typer.Argument(help="LoRAM bundle (16-bit) to align.")],
+        bundle: Annotated[str, typer.Argument(help="LoRAM bundle (16-bit) to align: directory or Hub repo id.")],
         data: Annotated[Path, typer.Option(help="Corpus: a .txt, a .jsonl of {\"text\": ...} rows, or a directory of them.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Aligned bundle directory to write.")],
         description: Annotated[str, typer.Option(help="What the corpus is (recorded in the manifest), e.g. 'FineWeb:OpenWebMath 2:1'.")] = "",
-        tokens: Annotated[Optional[int], typer.Option(help="Token budget: steps = ceil(tokens / global batch tokens) [default: one pass over the corpus].")] = None,
+        tokens: Annotated[Optional[int], typer.Option(help="Token budget: steps = ceil(tokens / global batch tokens); without it and --max-steps, one pass over the corpus.")] = None,
         max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (instead of --tokens).")] = None,
         lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule to 0; the paper's 5e-5).")] = 5e-5,
         warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps (the paper's 100).")] = 100,
@@ -39,8 +39,10 @@ def register(app: typer.Typer) -> None:
         resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in OUT.ckpt/.")] = False,
         fsdp: Annotated[bool, typer.Option(help="Shard the model over the torchrun processes (FSDP) instead of replicating it (DDP).")] = False,
         log_every: Annotated[int, typer.Option(help="Progress line every N steps when no progress bar shows (0: never).")] = 50,
-        device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda when present].")] = None,
+        device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when present).")] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+        endpoint: Endpoint = None,
+        token: Token = None,
     ) -> None:
         """Continual pre-training of a bundle's pruned model (full-parameter, lm_head frozen): a new, aligned bundle."""
         from ..train.align import align
@@ -54,7 +56,9 @@ def register(app: typer.Typer) -> None:
             fsdp=fsdp, log_every=log_every,
         )  # fmt: skip
         main = int(os.environ.get("RANK", "0")) == 0
-        s = align(bundle, data, out, config, description=description, eval_data=eval_data, resume=resume,
+        from ..hub.resolve import bundle_dir
+
+        s = align(bundle_dir(bundle, endpoint=endpoint, token=token), data, out, config, description=description, eval_data=eval_data, resume=resume,
                   overwrite=overwrite, device=device, log=lambda m: err.print(m))  # fmt: skip
         if not main:
             return

@@ -226,8 +226,13 @@ def align(
     if r.interrupted:
         return {"steps": r.steps, "interrupted": True, "checkpoint_dir": str(ckpt_root)}
 
-    before = r.eval_history[0][1] if held_out else None
+    before = next((loss for step, loss in r.eval_history if step == 0), None) if held_out else None
     after = r.final_eval["loss"] if r.final_eval else None
+    if not all(math.isfinite(x) for x in (*r.history[-1:], *(x for x in (before, after) if x is not None))):
+        raise LoramError(
+            f"training diverged (last training loss {r.history[-1] if r.history else None}, held-out loss "
+            f"{before} -> {after}); nothing was written: lower --lr or use --precision bf16-mixed / fp32"
+        )
     alignment = {
         "parent_bundle_id": b.bundle_id,
         "corpus": {

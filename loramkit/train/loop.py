@@ -162,6 +162,8 @@ def _shard(model: nn.Module, device: torch.device, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the mesh, and the shards fully_shard moves there, use the current GPU
     mesh = init_device_mesh(device.type, (world,))
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:

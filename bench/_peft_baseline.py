@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loramkit.train.data import collate, load_examples
-from loramkit.train.trainer import BatchPlan
+from loramkit.train.loop import BatchPlan
 
 base, data, steps, mb, seq_len, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 tok = AutoTokenizer.from_pretrained(base)

@@ -113,7 +113,7 @@ def build_base(workdir: Path, log=print) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from .train.data import collate, load_examples
-    from .train.trainer import BatchPlan, _lr_factor
+    from .train.loop import BatchPlan, lr_factor
 
     base_dir = workdir / "base"
     stamp = json.dumps({"config": DEMO_CONFIG, "pretrain": PRETRAIN})
@@ -130,7 +130,7 @@ def build_base(workdir: Path, log=print) -> Path:
     examples, _ = load_examples(corpus, tok, PRETRAIN["seq_len"])
     plan = BatchPlan(len(examples), PRETRAIN["batch"], 1, 1, PRETRAIN["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, PRETRAIN["warmup"], PRETRAIN["steps"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, PRETRAIN["warmup"], PRETRAIN["steps"]))
     model.train()
     for step in range(PRETRAIN["steps"]):
         batch = collate([examples[i] for i in plan.micro_batches(step, 0)[0]], tok.pad_token_id)

@@ -34,11 +34,10 @@ from ..bundle.fsutil import staged_dir
 from ..bundle.manifest import CARD_NAME
 from ..bundle.safetensors_io import DTYPES, StreamingWriter
 from ..bundle.writer import finalize, new_manifest
-from ..errors import LoramError, OutputExistsError
-from . import checkpoint
+from ..errors import LoramError
 from .config import PRECISIONS, AlignConfig
 from .corpus import Corpus, PackedBlocks, load_corpus
-from .loop import ADAMW_BETAS, ADAMW_EPS, LoopConfig, dist_init, full_tensors, pick_device, run_loop
+from .loop import ADAMW_BETAS, ADAMW_EPS, LoopConfig, dist_init, full_tensors, pick_device, run_loop, output_paths
 
 __all__ = ["align", "heldout_indices", "trainable_parameters"]
 
@@ -155,12 +154,7 @@ def align(
 
     config = config or AlignConfig()
     rank, world = dist_init()
-    out = Path(out)
-    ckpt_root = out.with_name(out.name + ".ckpt")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
-    if resume and checkpoint.latest(ckpt_root) is None:
-        raise LoramError(f"nothing to resume: no checkpoint in {ckpt_root} (align with --save-every N to make them)")
+    out, ckpt_root = output_paths(out, overwrite=overwrite, resume=resume, command="align")
     b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     q = b.manifest.get("quantization")
     if q is not None:

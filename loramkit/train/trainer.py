@@ -18,12 +18,10 @@ from ..bundle import Bundle
 from ..bundle.fsutil import staged_dir, write_json
 from ..bundle.manifest import ADAPTER_RECORD_NAME as ADAPTER_RECORD
 from ..errors import LoramError
-from . import checkpoint
 from .config import PRECISIONS, TrainConfig
 from .data import data_digest, load_examples, load_examples_with_stats
-from .loop import BatchPlan, LoopConfig, peak_memory_bytes, pick_device, run_loop
+from .loop import BatchPlan, LoopConfig, peak_memory_bytes, pick_device, run_loop, output_paths
 from .loop import dist_init as _dist
-from .loop import lr_factor as _lr_factor  # noqa: F401 - the demo and the bench import it from here
 
 __all__ = ["BatchPlan", "adapter_record", "peak_memory_bytes", "train"]
 
@@ -75,12 +73,7 @@ def train(
 
     config = config or TrainConfig()
     rank, world = _dist()
-    out = Path(out)
-    ckpt_root = out.with_name(out.name + ".ckpt")
-    if out.exists() and not overwrite:
-        raise LoramError(f"{out} already exists; choose another output or pass --overwrite")
-    if resume and checkpoint.latest(ckpt_root) is None:
-        raise LoramError(f"nothing to resume: no checkpoint in {ckpt_root} (train with --save-every N to make them)")
+    out, ckpt_root = output_paths(out, overwrite=overwrite, resume=resume, command="train")
     b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     _check(config, b.config.get("max_position_embeddings"))
     dev = pick_device(device, world)

@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as _cx
 
 from ..errors import LoramError
-from . import align, demo, evaluate, inspect, prune, publish, quantize, recover, train, validate
+from . import align, demo, evaluate, inspect, plan, prune, publish, quantize, recover, train, validate
 
 app = typer.Typer(
     name="loramkit",
@@ -29,7 +29,7 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,  # help texts say "[default: ...]" literally
 )
-for module in (prune, quantize, inspect, validate, align, train, evaluate, recover, publish, demo):
+for module in (plan, prune, quantize, inspect, validate, align, train, evaluate, recover, publish, demo):
     module.register(app)
 
 

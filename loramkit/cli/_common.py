@@ -4,9 +4,12 @@ soft_wrap: a message is one line however long (paths, bundle ids), never wrapped
 columns when piped; markup off: text in [brackets] (paths, shapes) is printed as is.
 """
 
+import sys
+
 from rich.console import Console
 
-console = Console(highlight=False, soft_wrap=True, markup=False)
+# Piped output is not cut to 80 columns: tables keep their numbers whole.
+console = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 from typing import Annotated, Optional  # noqa: E402

@@ -1,0 +1,75 @@
+"""loramkit plan BASE --ratio R [--quantize nf4|fp4] [--lora-rank r] [--seq-len L --batch B] [--json]"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import LoramError
+from ._common import Endpoint, Token, console
+
+
+def _config(base: str, endpoint: str | None, token: str | None) -> dict:
+    """config.json of a file, a model directory, or a Hub repo (config.json alone is fetched)."""
+    from ..bundle.fsutil import read_json
+    from ..hub.resolve import HubRef, download, parse_ref
+
+    where = parse_ref(base)
+    if isinstance(where, HubRef):
+        where = download(where, ["config.json"], endpoint=endpoint, token=token)
+    path = where / "config.json" if where.is_dir() else where
+    if not path.is_file():
+        raise LoramError(f"{base}: no such config file, model directory or Hub repo")
+    return read_json(path, "config.json", LoramError)
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:,.1f} GiB"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("plan")
+    def plan_cmd(
+        base: Annotated[str, typer.Argument(help="config.json, a model directory, or a Hub repo id (only config.json is fetched).")],
+        ratio: Annotated[float, typer.Option(help="Pruning ratio for LoRAM / QLoRAM.")],
+        quantize: Annotated[str, typer.Option(help="4-bit type for QLoRA / QLoRAM: nf4 or fp4.")] = "nf4",
+        keep_first: Annotated[Optional[int], typer.Option(help="Layers left intact at the start [default: 4, fewer when shallow].")] = None,
+        keep_last: Annotated[Optional[int], typer.Option(help="Layers left intact at the end [default: 2, fewer when shallow].")] = None,
+        lora_rank: Annotated[int, typer.Option(help="LoRA rank (all seven projections).")] = 8,
+        seq_len: Annotated[int, typer.Option(help="Tokens per sequence, for the activation estimate.")] = 512,
+        batch: Annotated[int, typer.Option(help="Sequences per micro-batch, for the activation estimate.")] = 1,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+        endpoint: Endpoint = None,
+        token: Token = None,
+    ) -> None:
+        """Parameters, storage and training memory of full FT, LoRA, QLoRA, LoRAM and QLoRAM for a model."""
+        from ..planner import plan
+
+        if quantize not in ("nf4", "fp4"):
+            raise LoramError(f"--quantize must be nf4 or fp4, got {quantize!r}")
+        p = plan(_config(base, endpoint, token), ratio, quant_type=quantize, keep_first=keep_first,
+                 keep_last=keep_last, lora_rank=lora_rank, seq_len=seq_len, batch=batch)  # fmt: skip
+        if as_json:
+            print(json.dumps(p, indent=2))
+            return
+        pl = p["pruned_layers"]
+        table = Table(title=f"{base} ({p['architecture']}), ratio {ratio}, layers {pl[0]}-{pl[-1]} pruned" if pl else base)
+        for col in ("method", "parameters", "storage /4", "x", "storage real", "x", "trainable",
+                    "train memory", "checkpointed"):  # fmt: skip
+            table.add_column(col, justify="left" if col == "method" else "right")
+        for m in p["methods"]:
+            table.add_row(
+                m["method"], f"{m['parameters']:,}", _gib(m["storage_theoretical"]), f"{m['reduction_theoretical']:.2f}x",
+                _gib(m["storage_real"]), f"{m['reduction_real']:.2f}x", f"{m['trainable']:,}",
+                _gib(m["train_memory"]), _gib(m["train_memory_checkpointed"]),
+            )  # fmt: skip
+        console.print(table)
+        console.print(
+            f"4-bit: {quantize}, block size 64, double quantization; real bytes count the block constants and the "
+            f"16-bit embeddings, lm_head, norms and biases. Training memory is an estimate for batch {batch} x "
+            f"{seq_len} tokens, LoRA r={lora_rank} (weights + AdamW states + activations)."
+        )

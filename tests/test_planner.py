@@ -70,3 +70,15 @@ def test_cli_plan_reads_a_config_a_model_dir_and_prints_json(make_base_dir, caps
     p = json.loads(capsys.readouterr().out)
     assert p["architecture"] == "Qwen3ForCausalLM" and len(p["methods"]) == 5
     assert run(["plan", "no/such-file.json", "--ratio", "0.5"]) == 1
+
+
+def test_inspect_shows_the_plan_with_the_bundles_actual_bytes(make_base_dir, tmp_path, capsys):
+    from loramkit.prune.pruner import prune
+
+    prune(make_base_dir("mistral"), tmp_path / "b", 0.5, show_progress=False)
+    assert run(["inspect", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "this bundle" in out and "QLoRAM" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("│ LoRAM"))
+    weights = sum(p.stat().st_size for p in (tmp_path / "b").glob("model*.safetensors"))
+    assert f"{weights / 2**20:,.1f} MiB" in line

@@ -109,3 +109,17 @@ def register(app: typer.Typer) -> None:
             layers.add_row(str(d["index"]), "yes" if d["pruned"] else "", _kept(d["num_attention_heads"]),
                            _kept(d["num_key_value_heads"]), _kept(d["intermediate_size"]))  # fmt: skip
         console.print(layers)
+        _print_plan(s)
+
+
+def _print_plan(s: dict[str, Any]) -> None:
+    """The `loramkit plan` table for this bundle's model and ratio, with the bundle's actual weight bytes."""
+    from ..planner import plan
+    from .plan import plan_table
+
+    b_config = json.loads((Path(s["path"]) / "config.json").read_text(encoding="utf-8"))
+    pr, q = s["pruning"], s["quantization"]
+    p = plan(b_config, pr["ratio"], keep_first=pr["keep_first"], keep_last=pr["keep_last"],
+             quant_type=q["quant_type"] if q else "nf4")  # fmt: skip
+    method = "QLoRAM" if q else "LoRAM"
+    console.print(plan_table(p, "memory plan (loramkit plan) and this bundle's actual weights", (method, s["bytes"]["weights"])))

@@ -28,7 +28,26 @@ def _config(base: str, endpoint: str | None, token: str | None) -> dict:
 
 
 def _gib(b: float) -> str:
-    return f"{b / 2**30:,.1f} GiB"
+    """Bytes as GiB, or MiB below 1 GiB so small models do not read as zero."""
+    return f"{b / 2**30:,.1f} GiB" if b >= 2**30 else f"{b / 2**20:,.1f} MiB"
+
+
+def plan_table(p: dict, title: str, actual: tuple[str, int] | None = None) -> Table:
+    """The five methods side by side; ``actual`` = (method, bytes) adds a bundle's real weight bytes."""
+    table = Table(title=title)
+    cols = ["method", "parameters", "storage /4", "x", "storage real", "x", "trainable", "train memory", "checkpointed"]
+    if actual:
+        cols.insert(5, "this bundle")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for m in p["methods"]:
+        row = [m["method"], f"{m['parameters']:,}", _gib(m["storage_theoretical"]), f"{m['reduction_theoretical']:.2f}x",
+               _gib(m["storage_real"])]  # fmt: skip
+        if actual:
+            row.append(_gib(actual[1]) if m["method"] == actual[0] else "")
+        row += [f"{m['reduction_real']:.2f}x", f"{m['trainable']:,}", _gib(m["train_memory"]), _gib(m["train_memory_checkpointed"])]
+        table.add_row(*row)
+    return table
 
 
 def register(app: typer.Typer) -> None:
@@ -57,17 +76,7 @@ def register(app: typer.Typer) -> None:
             print(json.dumps(p, indent=2))
             return
         pl = p["pruned_layers"]
-        table = Table(title=f"{base} ({p['architecture']}), ratio {ratio}, layers {pl[0]}-{pl[-1]} pruned" if pl else base)
-        for col in ("method", "parameters", "storage /4", "x", "storage real", "x", "trainable",
-                    "train memory", "checkpointed"):  # fmt: skip
-            table.add_column(col, justify="left" if col == "method" else "right")
-        for m in p["methods"]:
-            table.add_row(
-                m["method"], f"{m['parameters']:,}", _gib(m["storage_theoretical"]), f"{m['reduction_theoretical']:.2f}x",
-                _gib(m["storage_real"]), f"{m['reduction_real']:.2f}x", f"{m['trainable']:,}",
-                _gib(m["train_memory"]), _gib(m["train_memory_checkpointed"]),
-            )  # fmt: skip
-        console.print(table)
+        console.print(plan_table(p, f"{base} ({p['architecture']}), ratio {ratio}, layers {pl[0]}-{pl[-1]} pruned" if pl else base))
         console.print(
             f"4-bit: {quantize}, block size 64, double quantization; real bytes count the block constants and the "
             f"16-bit embeddings, lm_head, norms and biases. Training memory is an estimate for batch {batch} x "

@@ -1,7 +1,7 @@
 """Training memory and speed: plain PEFT LoRA on the full model vs ``loramkit train`` on a
 LoRAM bundle and on a QLoRAM (NF4) bundle, same data, same LoRA config, one run.
 
-Uses the LLaMA-3.2-1B-shaped random base of bench/prune_memory.py (1.24B parameters,
+Uses the LLaMA-3.2-1B-shaped random base of bench/streaming.py (1.24B parameters,
 bf16; its 262M-parameter tied embeddings are never pruned nor quantized) with a small
 BPE tokenizer. Each run is its own process; peak memory is its VmHWM.
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import peak_rss_of  # noqa: E402
-from prune_memory import LLAMA_32_1B, write_base  # noqa: E402
+from streaming import LLAMA_32_1B, write_base  # noqa: E402
 
 from loramkit.demo import _tokenizer, general_texts  # noqa: E402
 

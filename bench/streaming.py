@@ -85,8 +85,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "_work")
     ap.add_argument("--ratio", type=float, default=0.5)
     args = ap.parse_args()
-    work = args.workdir
-    py = sys.executable
+    work, py = args.workdir, sys.executable
+    env = {"PYTHONPATH": str(ROOT)}
     base = work / "llama-3.2-1b-shape"
     if not (base / "config.json").exists():
         print("writing the base checkpoint ...", flush=True)
@@ -94,48 +94,96 @@ def main() -> None:
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     largest_tensor = 2 * max(torch.Size(s).numel() for _, s in tensor_specs(LLAMA_32_1B))
     largest_projection = 2 * max(torch.Size(s).numel() for n, s in tensor_specs(LLAMA_32_1B) if "layers." in n)
-    bundle = work / "bundle"
+    largest_shard = max(p.stat().st_size for p in base.glob("*.safetensors"))
+    bundle, adapter, recovered = work / "bundle", work / "adapter", work / "recovered"
     floor, _ = peak_rss_of([py, "-c", "import loramkit.prune.pruner, loramkit.recover.merge, transformers, peft"])
-    prune_rss, prune_s = peak_rss_of(
+    runs: dict[str, tuple[int, float]] = {}
+    runs["prune: loramkit (streaming)"] = peak_rss_of(
         [py, "-m", "loramkit", "prune", str(base), "--out", str(bundle), "--ratio", str(args.ratio), "--overwrite"]
     )
-    # A full-size adapter for the merge: LoRA r=8 on every projection, from a recovery of the pruned shapes.
-    adapter = work / "adapter"
+    runs["prune: load + prune in memory"] = peak_rss_of(
+        [py, str(ROOT / "bench" / "_inmemory_prune.py"), str(base), str(work / "inmemory.safetensors"), str(args.ratio)], env
+    )
+    # A LoRA adapter (r=8, every projection) of the pruned model, then its recovery.
     subprocess.run([py, str(Path(__file__).with_name("_make_adapter.py")), str(bundle), str(adapter)], check=True)
-    merged, recovered = work / "merged", work / "recovered"
-    merge_rss, merge_s = peak_rss_of(
-        [py, "-m", "loramkit", "recover", str(adapter), "--out", str(recovered), "--bundle", str(bundle),
-         "--merge", "--base", str(base), "--merged-out", str(merged), "--overwrite"]
+    runs["recover: loramkit"] = peak_rss_of(
+        [py, "-m", "loramkit", "recover", str(adapter), "--out", str(recovered), "--bundle", str(bundle), "--overwrite"]
+    )
+    runs["recover: safetensors read + write floor"] = peak_rss_of(
+        [py, str(ROOT / "bench" / "_safetensors_floor.py"), str(adapter / "adapter_model.safetensors"),
+         str(bundle / "kept_indices.safetensors"), str(recovered / "adapter_model.safetensors"), str(work / "floor.safetensors")], env
     )  # fmt: skip
+    merge_code = (
+        "import sys; from loramkit.bundle import Bundle; from loramkit.recover.merge import merge_adapter; "
+        "merge_adapter(sys.argv[1], sys.argv[2], sys.argv[3], Bundle(sys.argv[4]), overwrite=True)"
+    )
+    runs["merge: loramkit (streaming)"] = peak_rss_of([py, "-c", merge_code, str(base), str(recovered), str(work / "merged"), str(bundle)])
+    runs["merge: PEFT merge_and_unload (in memory)"] = peak_rss_of(
+        [py, str(ROOT / "bench" / "_peft_merge.py"), str(base), str(recovered), str(work / "merged-peft")], env
+    )
     result = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}",
         "model": "LLaMA-3.2-1B shape (1.24B params, bf16, random weights)",
         "model_bytes": size,
+        "largest_shard_bytes": largest_shard,
         "largest_tensor_bytes": largest_tensor,
         "largest_projection_bytes": largest_projection,
         "import_floor_rss": floor,
-        "prune": {"ratio": args.ratio, "importance": "magnitude", "peak_rss": prune_rss, "seconds": prune_s},
-        "merge": {"peak_rss": merge_rss, "seconds": merge_s},
+        "ratio": args.ratio,
+        "runs": {k: {"peak_rss": r, "seconds": t} for k, (r, t) in runs.items()},
     }
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prune_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "streaming.json").write_text(json.dumps(result, indent=2) + "\n")
     mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
     md = [
-        f"# Streaming prune and merge: peak memory ({result['date']}, {result['machine']})",
+        f"# Streaming prune, recover and merge ({result['date']}, {result['machine']})",
         "",
-        f"Model: {result['model']}, {mib(size)} of safetensors; largest tensor (embeddings) {mib(largest_tensor)}, "
-        f"largest projection {mib(largest_projection)}.",
+        f"Model: {result['model']}, {mib(size)} of safetensors in 3 shards (largest {mib(largest_shard)}); largest "
+        f"tensor (embeddings) {mib(largest_tensor)}, largest projection {mib(largest_projection)}. Peak RSS is each "
+        f"process's VmHWM; the import floor (loramkit + torch + transformers + peft) is {mib(floor)}.",
         "",
-        "| step | peak RSS | above import floor | peak / model size | time |",
-        "|---|---|---|---|---|",
-        f"| import floor (loramkit + torch + transformers + peft) | {mib(floor)} | | | |",
-        f"| `loramkit prune --ratio {args.ratio}` (magnitude) | {mib(prune_rss)} | {mib(prune_rss - floor)} | {prune_rss / size:.2f} | {prune_s:.0f} s |",
-        f"| `loramkit recover --merge` (r=8, all projections) | {mib(merge_rss)} | {mib(merge_rss - floor)} | {merge_rss / size:.2f} | {merge_s:.0f} s |",
+        "| run | peak RSS | above floor | above floor / model size | time | time vs the other way |",
+        "|---|---|---|---|---|---|",
     ]
-    (out / "prune_memory.md").write_text("\n".join(md) + "\n")
+    names = list(runs)
+    for i, name in enumerate(names):
+        rss, t = runs[name]
+        other = runs[names[i + 1 if i % 2 == 0 else i - 1]]
+        md.append(f"| {name} | {mib(rss)} | {mib(rss - floor)} | {(rss - floor) / size:.2f} | {t:.1f} s | {t / other[1]:.2f}x |")
+    (out / "streaming.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+    chart(result, out / "streaming.png")
+
+
+def chart(result: dict, path: Path) -> None:
+    """Peak memory and time, each loramkit run beside its alternative."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart (pip install matplotlib)")
+        return
+    names = list(result["runs"])
+    floor = result["import_floor_rss"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = ["tab:blue" if "loramkit" in n else "tab:gray" for n in names]
+    ax1.barh(names, [result["runs"][n]["peak_rss"] / 2**20 for n in names], color=colors)
+    ax1.set_xlabel("peak RSS (MiB)")
+    ax1.axvline(floor / 2**20, color="black", linestyle=":", label="import floor")
+    ax1.axvline((floor + result["model_bytes"]) / 2**20, color="tab:red", linestyle="--", label="floor + model size")
+    ax1.legend()
+    ax1.invert_yaxis()
+    ax2.barh(names, [result["runs"][n]["seconds"] for n in names], color=colors)
+    ax2.set_xlabel("seconds")
+    ax2.set_yticks([])
+    ax2.invert_yaxis()
+    fig.suptitle(f"{result['model']}: {result['date']}, {result['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -79,25 +79,72 @@ def main() -> None:
         lines.append("")
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / "train_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    (ROOT / "bench" / "results" / "train_memory.md").write_text("\n".join(lines))
+    overhead = {shape: (runs["loramkit train, LoRAM bundle (bf16)"], runs["PEFT + HF Trainer, same LoRAM bundle"])
+                for shape, runs in result["shapes"].items()}  # fmt: skip
+    lines += ["loramkit's own overhead against PEFT + HF Trainer on the same pruned model (time per step, peak above floor):", ""]
+    for shape, (ours, theirs) in overhead.items():
+        lines.append(f"- {shape}: {theirs['tokens_per_second'] / ours['tokens_per_second']:.2f}x time per step, "
+                     f"{(ours['peak_rss'] - floor) / (theirs['peak_rss'] - floor):.2f}x peak memory")  # fmt: skip
+    (ROOT / "bench" / "results" / "train_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    chart(result, ROOT / "bench" / "results" / "train_memory.png")
+
+
+def chart(result: dict, path: Path) -> None:
+    """Peak memory and tokens/s of every run, one panel pair per batch shape."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart (pip install matplotlib)")
+        return
+    shapes = list(result["shapes"])
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 3.2 * len(shapes)), squeeze=False)
+    for row, shape in zip(axes, shapes):
+        runs = result["shapes"][shape]
+        names = list(runs)
+        colors = ["tab:blue" if n.startswith("loramkit") else "tab:gray" for n in names]
+        row[0].barh(names, [runs[n]["peak_rss"] / 2**20 for n in names], color=colors)
+        row[0].axvline(result["import_floor_rss"] / 2**20, color="black", linestyle=":", label="import floor")
+        row[0].set_xlabel(f"peak RSS (MiB), micro-batch x seq {shape}")
+        row[0].invert_yaxis()
+        row[0].legend()
+        row[1].barh(names, [runs[n]["tokens_per_second"] for n in names], color=colors)
+        row[1].set_xlabel("tokens/s")
+        row[1].set_yticks([])
+        row[1].invert_yaxis()
+    fig.suptitle(f"{result['model']}: {result['date']}, {result['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def measure(py: str, base: Path, data: Path, bundle: Path, nf4: Path, steps: int, mb: int, seq_len: int, work: Path) -> dict:
-    """Peak RSS and tokens/s of the three runs at one batch shape."""
+    """Peak RSS and tokens/s of every run at one batch shape."""
     common = ["--max-steps", str(steps), "--micro-batch", str(mb), "--seq-len", str(seq_len),
               "--rank", "8", "--alpha", "16", "--overwrite"]  # fmt: skip
     runs = {}
-    out = work / "baseline.json"
-    rss, _ = peak_rss_of([py, str(ROOT / "bench" / "_peft_baseline.py"), str(base), str(data), str(steps),
-                          str(mb), str(seq_len), str(out)], env={"PYTHONPATH": str(ROOT)})  # fmt: skip
-    runs["PEFT LoRA, full model (bf16)"] = {"peak_rss": rss, **json.loads(out.read_text())}
-    for name, b in (("loramkit train, LoRAM bundle (bf16)", bundle), ("loramkit train, QLoRAM bundle (NF4)", nf4)):
+    env = {"PYTHONPATH": str(ROOT)}
+
+    def script(name: str, script_file: str, model: Path) -> None:
+        out = work / f"{script_file}.json"
+        rss, _ = peak_rss_of([py, str(ROOT / "bench" / script_file), str(model), str(data), str(steps), str(mb),
+                              str(seq_len), str(out)], env=env)  # fmt: skip
+        runs[name] = {"peak_rss": rss, **json.loads(out.read_text())}
+
+    def loramkit_train(name: str, b: Path) -> None:
         adapter = work / f"adapter-{b.name}"
         rss, _ = peak_rss_of([py, "-m", "loramkit", "train", str(b), "--data", str(data), "--out", str(adapter), *common])
         s = json.loads((adapter / "loram_adapter.json").read_text())["training"]["summary"]
         runs[name] = {"peak_rss": rss, "steps": s["steps"], "tokens": s["tokens"], "seconds": s["seconds"],
                       "tokens_per_second": s["tokens_per_second"]}  # fmt: skip
+
+    script("PEFT LoRA, full model (bf16)", "_peft_baseline.py", base)
+    script("PEFT QLoRA, full model (NF4)", "_peft_qlora_baseline.py", base)
+    loramkit_train("loramkit train, LoRAM bundle (bf16)", bundle)
+    script("PEFT + HF Trainer, same LoRAM bundle", "_hf_trainer_baseline.py", bundle)
+    loramkit_train("loramkit train, QLoRAM bundle (NF4)", nf4)
     return runs
 
 

@@ -1,0 +1,44 @@
+"""Plain PEFT QLoRA (bitsandbytes NF4, double quant, bf16 compute) on the full model: a baseline of
+bench/train_memory.py, with the same data, batches, LoRA config and optimizer as the others.
+
+    python bench/_peft_qlora_baseline.py BASE DATA STEPS MICRO_BATCH SEQ_LEN OUT_JSON
+"""
+
+import json
+import sys
+import time
+
+import bitsandbytes as bnb
+import peft
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from loramkit.train.data import collate, load_examples
+from loramkit.train.loop import BatchPlan
+
+base, data, steps, mb, seq_len, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+tok = AutoTokenizer.from_pretrained(base)
+examples, _ = load_examples(data, tok, seq_len)
+quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map="cpu", dtype=torch.bfloat16)
+for m in model.modules():  # FIELD-NOTES bug A: no AVX512-BF16 repacking
+    if isinstance(m, bnb.nn.Linear4bit):
+        m.support_avx512bf16_for_cpu = False
+torch.manual_seed(0)
+model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))  # fmt: skip
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+plan = BatchPlan(len(examples), mb, 1, 1, 0)
+model.train()
+tokens, t0 = 0, time.perf_counter()
+for step in range(steps):
+    batch = collate([examples[i] for i in plan.micro_batches(step, 0)[0]], tok.pad_token_id or 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    tokens += int(batch["attention_mask"].sum())
+seconds = time.perf_counter() - t0
+json.dump({"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}, open(out, "w"))

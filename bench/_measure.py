@@ -41,3 +41,16 @@ def peak_rss_of(argv: list[str], env: dict[str, str] | None = None) -> tuple[int
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(argv)}")
     return int(report.read_text()), time.perf_counter() - t0
+
+
+def pyplot():
+    """matplotlib's pyplot on a file backend, or None (with a note) when it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart (pip install matplotlib)")
+        return None
+    return plt

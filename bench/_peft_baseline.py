@@ -1,9 +1,9 @@
-"""Plain PEFT LoRA on a full model, the baseline of bench/train_memory.py.
+"""Plain PEFT LoRA (or QLoRA with ``nf4``) on a full model, baselines of bench/train_memory.py.
 
 The same data, batches, LoRA config, optimizer and bf16 autocast as ``loramkit train``,
-with nothing of loramkit's training code: transformers + peft + a plain loop.
+with nothing of loramkit's training code: transformers (+ bitsandbytes) + peft + a plain loop.
 
-    python bench/_peft_baseline.py BASE DATA STEPS MICRO_BATCH SEQ_LEN OUT_JSON
+    python bench/_peft_baseline.py BASE DATA STEPS MICRO_BATCH SEQ_LEN OUT_JSON [nf4]
 """
 
 import json
@@ -20,7 +20,18 @@ from loramkit.train.loop import BatchPlan
 base, data, steps, mb, seq_len, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 tok = AutoTokenizer.from_pretrained(base)
 examples, _ = load_examples(data, tok, seq_len)
-model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+if sys.argv[7:] == ["nf4"]:  # QLoRA: bitsandbytes NF4, double quantization, bf16 compute
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map="cpu", dtype=torch.bfloat16)
+    for m in model.modules():  # FIELD-NOTES bug A: no AVX512-BF16 repacking
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+else:
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 torch.manual_seed(0)
 model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))  # fmt: skip

@@ -29,7 +29,7 @@ from loramkit.bundle.checkpoint import plan_shards, shard_names  # noqa: E402
 from loramkit.bundle.safetensors_io import StreamingWriter  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import peak_rss_of  # noqa: E402
+from _measure import peak_rss_of, pyplot  # noqa: E402
 
 LLAMA_32_1B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "head_dim": 64,
@@ -159,13 +159,8 @@ def main() -> None:
 
 def chart(result: dict, path: Path) -> None:
     """Peak memory and time, each loramkit run beside its alternative."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     names = list(result["runs"])
     floor = result["import_floor_rss"]

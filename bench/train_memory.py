@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import peak_rss_of  # noqa: E402
+from _measure import peak_rss_of, pyplot  # noqa: E402
 from streaming import LLAMA_32_1B, write_base  # noqa: E402
 
 from loramkit.demo import _tokenizer, general_texts  # noqa: E402
@@ -92,13 +92,8 @@ def main() -> None:
 
 def chart(result: dict, path: Path) -> None:
     """Peak memory and tokens/s of every run, one panel pair per batch shape."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     shapes = list(result["shapes"])
     fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 3.2 * len(shapes)), squeeze=False)
@@ -127,10 +122,10 @@ def measure(py: str, base: Path, data: Path, bundle: Path, nf4: Path, steps: int
     runs = {}
     env = {"PYTHONPATH": str(ROOT)}
 
-    def script(name: str, script_file: str, model: Path) -> None:
-        out = work / f"{script_file}.json"
+    def script(name: str, script_file: str, model: Path, *extra: str) -> None:
+        out = work / f"{script_file}{''.join(extra)}.json"
         rss, _ = peak_rss_of([py, str(ROOT / "bench" / script_file), str(model), str(data), str(steps), str(mb),
-                              str(seq_len), str(out)], env=env)  # fmt: skip
+                              str(seq_len), str(out), *extra], env=env)  # fmt: skip
         runs[name] = {"peak_rss": rss, **json.loads(out.read_text())}
 
     def loramkit_train(name: str, b: Path) -> None:
@@ -141,7 +136,7 @@ def measure(py: str, base: Path, data: Path, bundle: Path, nf4: Path, steps: int
                       "tokens_per_second": s["tokens_per_second"]}  # fmt: skip
 
     script("PEFT LoRA, full model (bf16)", "_peft_baseline.py", base)
-    script("PEFT QLoRA, full model (NF4)", "_peft_qlora_baseline.py", base)
+    script("PEFT QLoRA, full model (NF4)", "_peft_baseline.py", base, "nf4")
     loramkit_train("loramkit train, LoRAM bundle (bf16)", bundle)
     script("PEFT + HF Trainer, same LoRAM bundle", "_hf_trainer_baseline.py", bundle)
     loramkit_train("loramkit train, QLoRAM bundle (NF4)", nf4)

@@ -19,3 +19,9 @@ import typer  # noqa: E402
 # Every command that takes a bundle or a model takes a Hub repo id (org/name[@revision]) too.
 Endpoint = Annotated[Optional[str], typer.Option(help="Hub endpoint [default: $HF_ENDPOINT or huggingface.co].")]
 Token = Annotated[Optional[str], typer.Option(help="Hub token [default: $HF_TOKEN or the saved login].")]
+# Options of the long-running commands (train, align), spelled once.
+SaveEvery = Annotated[int, typer.Option(help="Checkpoint to OUT.ckpt/ every N steps (0: never).")]
+KeepCheckpoints = Annotated[bool, typer.Option(help="Keep OUT.ckpt/ after a successful run.")]
+Resume = Annotated[bool, typer.Option(help="Continue from the newest checkpoint in OUT.ckpt/.")]
+Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda when present].")]
+Overwrite = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import Endpoint, Token, console, err
+from ._common import Device, Endpoint, KeepCheckpoints, Overwrite, Resume, SaveEvery, Token, console, err
 
 
 def register(app: typer.Typer) -> None:
@@ -34,13 +34,13 @@ def register(app: typer.Typer) -> None:
         eval_data: Annotated[Optional[Path], typer.Option(help="Held-out corpus (file or directory).")] = None,
         eval_split: Annotated[float, typer.Option(help="Without --eval-data, hold out this fraction of the corpus's blocks (at least one).")] = 0.01,
         eval_every: Annotated[int, typer.Option(help="Held-out loss every N steps (0: before and after only).")] = 0,
-        save_every: Annotated[int, typer.Option(help="Checkpoint to OUT.ckpt/ every N steps (0: never).")] = 0,
-        keep_checkpoints: Annotated[bool, typer.Option(help="Keep OUT.ckpt/ after a successful run.")] = False,
-        resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in OUT.ckpt/.")] = False,
+        save_every: SaveEvery = 0,
+        keep_checkpoints: KeepCheckpoints = False,
+        resume: Resume = False,
         fsdp: Annotated[bool, typer.Option(help="Shard the model over the torchrun processes (FSDP) instead of replicating it (DDP).")] = False,
         log_every: Annotated[int, typer.Option(help="Progress line every N steps when no progress bar shows (0: never).")] = 50,
-        device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when present).")] = None,
-        overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+        device: Device = None,
+        overwrite: Overwrite = False,
         endpoint: Endpoint = None,
         token: Token = None,
     ) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import Endpoint, Token, console, err
+from ._common import Device, Endpoint, KeepCheckpoints, Overwrite, Resume, SaveEvery, Token, console, err
 
 
 def register(app: typer.Typer) -> None:
@@ -38,12 +38,12 @@ def register(app: typer.Typer) -> None:
         eval_data: Annotated[Optional[Path], typer.Option(help="Held-out data file.")] = None,
         eval_split: Annotated[float, typer.Option(help="Hold out this fraction of --data when no --eval-data.")] = 0.0,
         eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (0: at the end only).")] = 0,
-        save_every: Annotated[int, typer.Option(help="Checkpoint to OUT.ckpt/ every N steps (0: never).")] = 0,
-        keep_checkpoints: Annotated[bool, typer.Option(help="Keep OUT.ckpt/ after a successful run.")] = False,
-        resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in OUT.ckpt/.")] = False,
+        save_every: SaveEvery = 0,
+        keep_checkpoints: KeepCheckpoints = False,
+        resume: Resume = False,
         data_format: Annotated[str, typer.Option(help="auto | text | jsonl-text | instructions | chat.")] = "auto",
-        device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda when present].")] = None,
-        overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+        device: Device = None,
+        overwrite: Overwrite = False,
         endpoint: Endpoint = None,
         token: Token = None,
     ) -> None:

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from loramkit.prune.pruner import prune
 from loramkit.train.align import align, heldout_indices
 from loramkit.train.config import AlignConfig
 from tests.factory import sample_texts, tiny_tokenizer
+from tests.lora_helpers import peft_on_base
 
 ROOT = Path(__file__).resolve().parent.parent
 _UNCHANGED_SECTIONS = ("base", "architecture", "pruning", "parameters", "weights", "index_maps", "quantization")
@@ -287,9 +287,6 @@ def test_cli_align_prints_a_summary_and_inspect_shows_the_alignment(bundle, text
 
 
 def test_an_adapter_trained_on_the_aligned_bundle_recovers_onto_the_original(bundle, aligned, text_file, tmp_path):
-    import peft
-    from transformers import AutoModelForCausalLM
-
     from loramkit.cli import run
     from loramkit.train.config import TrainConfig
     from loramkit.train.trainer import train
@@ -298,11 +295,7 @@ def test_an_adapter_trained_on_the_aligned_bundle_recovers_onto_the_original(bun
     out, _ = aligned
     train(out, text_file, tmp_path / "a", TrainConfig(rank=4, max_steps=2, seq_len=32, precision="fp32"), show_progress=False)
     assert run(["recover", str(tmp_path / "a"), "--out", str(tmp_path / "full")]) == 0  # the record names the bundle
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "full")
+    model = peft_on_base(base, tmp_path / "full")  # any warning (missing keys) fails
     loaded = {k for k, _ in model.named_parameters() if "lora_" in k}
     assert len(loaded) == len(load_file(str(tmp_path / "full" / "adapter_model.safetensors"))) > 0
 

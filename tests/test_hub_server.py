@@ -32,7 +32,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from tests.hub_server import DEFAULT_GITATTRIBUTES, HubServer, git_blob_oid, hub, hub_client_settings  # noqa: F401
+from tests.hub_server import DEFAULT_GITATTRIBUTES, HubServer, git_blob_oid, hub_client_settings
 
 REPO = "tester/demo"
 WEIGHTS = bytes(range(256)) * 20  # 5120 bytes, has NUL bytes; LFS by its suffix anyway

@@ -397,7 +397,6 @@ def tamper_weights(d: Path, edit: Callable[[dict[str, torch.Tensor], int], None]
 )
 def test_weight_tensor_tampering(capsys, copy, change, needles):
     d = copy()
-    layer = pruned_layer(d)
 
     def edit(w, layer):
         pre = f"model.layers.{layer}."

@@ -32,15 +32,27 @@ else:
 
 def peak_rss_of(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, float]:
     """(peak RSS in bytes, seconds) of ``python -m MODULE ...``, ``python -c CODE`` or ``python SCRIPT ...``."""
+    peak, seconds, _ = run_measured(argv, env, capture=False)
+    return peak, seconds
+
+
+def run_measured(argv: list[str], env: dict[str, str] | None = None, *, capture: bool = True) -> tuple[int, float, str]:
+    """:func:`peak_rss_of`, also returning the child's stdout when ``capture`` (stderr passes through)."""
     report = Path(os.environ.get("TMPDIR", "/tmp")) / f"loramkit-hwm-{os.getpid()}"
     py, *rest = argv
     if rest[0] not in ("-m", "-c"):
         rest = ["--script", *rest]
     t0 = time.perf_counter()
-    proc = subprocess.run([py, "-c", _REPORT, str(report), *rest], env={**os.environ, "LORAMKIT_NO_PROGRESS": "1", **(env or {})})
+    proc = subprocess.run(
+        [py, "-c", _REPORT, str(report), *rest],
+        check=False,
+        env={**os.environ, "LORAMKIT_NO_PROGRESS": "1", **(env or {})},
+        stdout=subprocess.PIPE if capture else None,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(argv)}")
-    return int(report.read_text()), time.perf_counter() - t0
+    return int(report.read_text()), time.perf_counter() - t0, proc.stdout or ""
 
 
 def pyplot():

@@ -95,7 +95,8 @@ def task_texts(n: int, seed: int) -> list[str]:
     return [" ".join(sentence() for _ in range(3)) for _ in range(n)]
 
 
-def _tokenizer(texts: list[str]):
+def _tokenizer(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on ``texts`` (bos <s>, eos </s>, pad <pad>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -103,17 +104,62 @@ def _tokenizer(texts: list[str]):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False)
+        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False)
     )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def pretrain(
+    model: torch.nn.Module,
+    examples: list,
+    pad_id: int,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    warmup: int,
+    seed: int,
+    weight_decay: float = 0.01,
+    max_grad_norm: float | None = None,
+    autocast: bool = True,
+    log=print,
+    label: str = "pre-training the base",
+) -> list[float]:
+    """Full-parameter pre-training from scratch (AdamW, warmup + cosine); returns the loss per step.
+
+    Shared by the demo and ``bench/replicate``; the model stays on its device, batches follow it.
+    """
+    from .train.data import collate
+    from .train.loop import BatchPlan, lr_factor
+
+    device = next(model.parameters()).device
+    plan = BatchPlan(len(examples), batch, 1, 1, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, steps))
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        batch_t = collate([examples[i] for i in plan.micro_batches(step, 0)[0]], pad_id)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**{k: v.to(device) for k, v in batch_t.items()}).loss
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            log(f"{label}: step {step + 1}/{steps}, loss {losses[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
+    return losses
 
 
 def build_base(workdir: Path, log=print) -> Path:
     """The pre-trained demo base, built once per work directory."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from .train.data import collate, load_examples
-    from .train.loop import BatchPlan, lr_factor
+    from .train.data import load_examples
 
     base_dir = workdir / "base"
     stamp = json.dumps({"config": DEMO_CONFIG, "pretrain": PRETRAIN})
@@ -128,20 +174,8 @@ def build_base(workdir: Path, log=print) -> Path:
     torch.manual_seed(PRETRAIN["seed"])
     model = AutoModelForCausalLM.from_config(LlamaConfig(**DEMO_CONFIG, vocab_size=len(tok)))
     examples, _ = load_examples(corpus, tok, PRETRAIN["seq_len"])
-    plan = BatchPlan(len(examples), PRETRAIN["batch"], 1, 1, PRETRAIN["seed"])
-    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, PRETRAIN["warmup"], PRETRAIN["steps"]))
-    model.train()
-    for step in range(PRETRAIN["steps"]):
-        batch = collate([examples[i] for i in plan.micro_batches(step, 0)[0]], tok.pad_token_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == PRETRAIN["steps"] - 1:
-            log(f"pre-training the base: step {step + 1}/{PRETRAIN['steps']}, loss {loss.item():.3f}")
+    pretrain(model, examples, tok.pad_token_id, steps=PRETRAIN["steps"], batch=PRETRAIN["batch"], lr=PRETRAIN["lr"],
+             warmup=PRETRAIN["warmup"], seed=PRETRAIN["seed"], log=log)  # fmt: skip
     model.save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
     (base_dir / "demo.json").write_text(stamp)

@@ -77,6 +77,19 @@ def test_training_lowers_held_out_loss_and_records_the_bundle(bundle, text_file,
     assert not (tmp_path / "a.ckpt").exists()
 
 
+def test_held_out_metrics_of_the_summary_are_those_of_loramkit_eval(bundle, text_file, tmp_path, capsys):
+    from loramkit.cli import run
+
+    _, b = bundle
+    s = train(b, text_file, tmp_path / "a", _cfg(max_steps=3), eval_data=text_file, show_progress=False)
+    capsys.readouterr()
+    argv = ["eval", str(b), "--adapter", str(tmp_path / "a"), "--data", str(text_file), "--seq-len", "32", "--micro-batch", "4", "--json"]
+    assert run(argv) == 0
+    e = json.loads(capsys.readouterr().out)
+    assert 0 < s["eval_accuracy"] < 1
+    assert s["eval_loss"] == pytest.approx(e["loss"], abs=1e-5) and s["eval_accuracy"] == e["accuracy"]
+
+
 def test_resume_matches_an_uninterrupted_run_bitwise(bundle, text_file, tmp_path):
     _, b = bundle
     cfg = _cfg(max_steps=6, save_every=2, grad_accum=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -77,7 +78,8 @@ def register(app: typer.Typer) -> None:
             ("final train loss", f"{s['final_train_loss']:.4f}"),
         ]
         if s["eval_loss"] is not None:
-            rows.append(("eval loss", f"{s['eval_loss']:.4f}"))
+            rows.append(("eval loss", f"{s['eval_loss']:.4f} (perplexity {math.exp(min(s['eval_loss'], 700)):.2f}, "
+                                      f"next-token accuracy {s['eval_accuracy']:.3f})"))  # fmt: skip
         for k, v in rows:
             table.add_row(k, v)
         console.print(table)

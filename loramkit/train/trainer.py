@@ -140,6 +140,7 @@ def train(
         "peak_memory_bytes": r.peak_memory_bytes,
         "final_train_loss": r.history[-1] if r.history else None,
         "eval_loss": r.final_eval["loss"] if r.final_eval else None,
+        "eval_accuracy": r.final_eval["accuracy"] if r.final_eval else None,  # next-token, on the held-out data
         "eval_history": r.eval_history,
         "world_size": world,
         "device": str(dev),

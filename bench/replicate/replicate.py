@@ -205,17 +205,17 @@ class Stages:
         tmp.replace(path)
         return result
 
-    def loramkit(self, *args: Any) -> dict[str, Any]:
-        """One ``loramkit`` command in its own process: its stdout, peak RSS and wall time."""
+    def loramkit(self, *args: Any, stdout: bool = False) -> dict[str, Any]:
+        """One ``loramkit`` command in its own process: its peak RSS, wall time and (if asked) stdout."""
         argv = [str(a) for a in args]
         self.commands.append("loramkit " + " ".join(shlex.quote(a).replace(str(self.work) + "/", "$WORK/") for a in argv))
         peak, seconds, out = run_measured([sys.executable, "-m", "loramkit", *argv])
-        return {"stdout": out, "peak_rss_bytes": peak, "seconds": round(seconds, 2)}
+        return {"peak_rss_bytes": peak, "seconds": round(seconds, 2)} | ({"stdout": out} if stdout else {})
 
     def eval(self, model: Path, data: Path, s: Settings, adapter: Path | None = None) -> dict[str, Any]:
         extra = ["--adapter", adapter] if adapter else []
         r = self.loramkit("eval", model, "--data", data, *extra, "--seq-len", s.seq_len, "--micro-batch", 8,
-                          "--device", self.device, "--json")  # fmt: skip
+                          "--device", self.device, "--json", stdout=True)  # fmt: skip
         return json.loads(r["stdout"])
 
 
@@ -291,7 +291,7 @@ def publish(st: Stages, s: Settings, data: Path, family_stamp: str) -> dict[str,
         bundles[name] = st.once(
             f"bundle-{name}", [family_stamp, ratio, importance, KEEP],
             lambda: {"run": st.loramkit("prune", w / base, "--out", w / "bundles" / name, "--ratio", ratio, "--importance", importance,
-                                        "--seed", 0, "--keep-first", KEEP[0], "--keep-last", KEEP[1], *extra, "--overwrite") | {"stdout": ""},
+                                        "--seed", 0, "--keep-first", KEEP[0], "--keep-last", KEEP[1], *extra, "--overwrite"),
                      "parameters": _params(w / "bundles" / name)},
         )  # fmt: skip
 
@@ -309,15 +309,15 @@ def publish(st: Stages, s: Settings, data: Path, family_stamp: str) -> dict[str,
                                   "--lr", s.align_lr, "--warmup-steps", s.align_warmup, "--micro-batch", s.micro_batch,
                                   "--seq-len", s.seq_len, *fp32, "--overwrite")  # fmt: skip
                 manifest = json.loads((out / "loram.json").read_text())
-                return {"run": run | {"stdout": ""}, "alignment": manifest["alignment"], "parameters": bundles[name]["parameters"]}
+                return {"run": run, "alignment": manifest["alignment"], "parameters": bundles[name]["parameters"]}
 
             stamp = [family_stamp, ratio, importance, KEEP, s.align_tokens, s.align_lr, s.align_warmup, s.micro_batch, s.seq_len, st.device]
             bundles[f"{name}-aligned"] = st.once(f"bundle-{name}-aligned", stamp, align)
     q = f"{s.qloram}-aligned"
     bundles[f"{q}-nf4"] = st.once(
         f"bundle-{q}-nf4", [family_stamp, bundles[q]["alignment"]],
-        lambda: {"run": st.loramkit("quantize", w / "bundles" / q, "--out", w / "bundles" / f"{q}-nf4", "--type", "nf4", "--overwrite")
-                 | {"stdout": ""}, "parameters": bundles[q]["parameters"]},
+        lambda: {"run": st.loramkit("quantize", w / "bundles" / q, "--out", w / "bundles" / f"{q}-nf4", "--type", "nf4", "--overwrite"),
+                 "parameters": bundles[q]["parameters"]},
     )  # fmt: skip
     for name, b in bundles.items():
         b["bytes"] = sum(f.stat().st_size for f in (w / "bundles" / name).glob("*.safetensors") if f.name != "kept_indices.safetensors")
@@ -561,7 +561,6 @@ def main() -> None:
         "publisher_minutes": stage_minutes("bundle-", "eval-bundle"),
         "user_minutes": stage_minutes("user-"),
         "stage_seconds": st.seconds,
-        "this_invocation_minutes": minutes,
     }
     results = ROOT / "bench" / "results"
     if args.quick:

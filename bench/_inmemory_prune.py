@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from loramkit.families import ArchSpec
 from loramkit.families.geometry import layer_index_maps, slice_tensor
 from loramkit.prune.importance import group_scores, top_units
-from loramkit.prune.plan import plan_layers
+from loramkit.families.pruning_rules import plan_layers
 
 base, out, ratio = sys.argv[1], sys.argv[2], float(sys.argv[3])
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)

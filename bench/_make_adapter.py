@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loramkit.bundle import Bundle  # noqa: E402
-from loramkit.model.loader import bundle_tag  # noqa: E402
+from loramkit.bundle.manifest import bundle_tag  # noqa: E402
 
 bundle, out = Bundle(sys.argv[1]), Path(sys.argv[2])
 out.mkdir(parents=True, exist_ok=True)

@@ -6,14 +6,16 @@ the original model.
 
 __version__ = "0.1.0"
 
-from .bundle import Bundle  # noqa: E402
 from .errors import LoramError  # noqa: E402
 
-
+# Everything else loads on first use: torch, transformers and peft take seconds to import,
+# and `import loramkit` or `loramkit --help` need none of them (tests/test_layers.py checks).
 _LAZY = {
+    "Bundle": ("bundle.reader", "Bundle"),
     "load_pruned_model": ("model.loader", "load_pruned_model"),
     "prune_model": ("prune.pruner", "prune"),
     "quantize_bundle": ("quant.convert", "quantize_bundle"),
+    "prune_quantized": ("pipeline", "prune_quantized"),
     "recover_adapter": ("recover.adapter", "recover_adapter"),
     "merge_adapter": ("recover.merge", "merge_adapter"),
     "validate_bundle": ("bundle.validate", "validate"),
@@ -25,7 +27,6 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    # transformers and peft load only when these are used, so `loramkit --help` is fast.
     if name in _LAZY:
         import importlib
 
@@ -34,4 +35,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["Bundle", "LoramError", "__version__", *_LAZY]
+__all__ = ["LoramError", "__version__", *_LAZY]

@@ -17,7 +17,7 @@ from .bundle.quantization import expected_entries
 from .bundle.safetensors_io import nbytes_of
 from .families import ArchSpec
 from .families.geometry import LayerDims, count_parameters
-from .prune.plan import plan_layers
+from .families.pruning_rules import plan_layers
 
 # Mixed-precision AdamW: bf16 weights + bf16 grads + fp32 master, m and v (full fine-tuning);
 # LoRA weights train in fp32: weight + grad + m + v.

@@ -1,4 +1,4 @@
-"""The counting rule (loramkit.prune.plan): which layers are pruned and how many units they keep.
+"""The counting rule (loramkit.families.pruning_rules): which layers are pruned and how many units they keep.
 
 Every expectation is computed here independently, with :mod:`decimal` on the ratio's
 shortest repr (the spec's wording, 4.3), never with the package's own helpers.
@@ -18,7 +18,7 @@ import torch
 from loramkit.errors import LoramError
 from loramkit.families import ArchSpec
 from loramkit.families.geometry import LayerDims
-from loramkit.prune.plan import exact_ratio, kept_units, layers_kept_intact, plan_layers
+from loramkit.families.pruning_rules import exact_ratio, kept_units, layers_kept_intact, plan_layers
 
 DATA = Path(__file__).parent / "data"
 

@@ -209,7 +209,7 @@ def test_bundle_properties_every_family(bundle_of, make_base_dir, family_case):
     # the package's planner and parameter count agree with what was written
     from loramkit.families import ArchSpec
     from loramkit.families.geometry import LayerDims, count_parameters
-    from loramkit.prune.plan import plan_layers
+    from loramkit.families.pruning_rules import plan_layers
 
     arch = ArchSpec.from_config(json.loads((b / "config.json").read_text()))
     layers = [LayerDims.from_json(d) for d in m["architecture"]["layers"]]

@@ -23,7 +23,7 @@ from loramkit.bundle.manifest import bundle_id
 from loramkit.bundle.validate import validate
 from loramkit.bundle.writer import finalize
 from loramkit.errors import BundleError
-from loramkit.model.loader import bundle_tag
+from loramkit.bundle.manifest import bundle_tag
 from loramkit.prune.pruner import prune
 from loramkit.quant import convert, quantize_bundle
 from loramkit.quant._bnb import bnb as _import_bnb

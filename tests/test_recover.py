@@ -23,7 +23,7 @@ import torch
 
 from loramkit import Bundle
 from loramkit.errors import AdapterError, OutputExistsError
-from loramkit.model.loader import bundle_tag
+from loramkit.bundle.manifest import bundle_tag
 from loramkit.recover.adapter import recover_adapter
 from tests.lora_helpers import (
     ADAPTER_CONFIG,

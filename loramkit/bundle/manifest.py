@@ -43,6 +43,11 @@ def bundle_id(manifest: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical_json(body)).hexdigest()
 
 
+def bundle_tag(bundle_id: str) -> str:
+    """The model tag that binds adapters to a bundle: PEFT copies base-model tags into the adapter card."""
+    return "loram-bundle-" + bundle_id.removeprefix("sha256:")[:16]
+
+
 def now_utc() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 

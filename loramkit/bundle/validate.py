@@ -9,6 +9,7 @@ import torch
 from ..errors import LoramError
 from ..families import ArchSpec
 from ..families.geometry import LayerDims, count_parameters, layer_index_maps, pruned_shape, unit_rows
+from ..families.pruning_rules import IMPORTANCE_KINDS, ROUNDING_RULES, plan_layers
 from .hashing import config_sha256
 from .manifest import CARD_NAME, MANIFEST_NAME, bundle_id
 from . import quantization as qformat
@@ -23,9 +24,6 @@ def _check_pruning_record(
     m: dict, arch: ArchSpec, layers: list[LayerDims], problems: list[str], warnings: list[str]
 ) -> None:
     """Per-layer dims must be what the recorded ratio, rounding rule and intact layers give."""
-    from ..prune.importance import IMPORTANCE_KINDS  # the counting rule is part of the format
-    from ..prune.plan import ROUNDING_RULES, plan_layers
-
     pr = m["pruning"]
     if pr["importance"] not in IMPORTANCE_KINDS:
         warnings.append(f"pruning.importance {pr['importance']!r} is unknown to this loramkit")

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         """Prune a base model into a LoRAM bundle (streaming; memory near one tensor)."""
         from ..bundle.checkpoint import parse_size
         from ..prune.pruner import prune
-        from ..quant import prune_quantized
+        from ..pipeline import prune_quantized
 
         try:
             parse_size(max_shard_size)

@@ -15,16 +15,12 @@ import torch
 from torch import nn
 
 from ..bundle import Bundle
+from ..bundle.manifest import bundle_tag
 from ..bundle.safetensors_io import DTYPES
 from ..errors import BundleError
 from ..families.geometry import LayerDims, pruned_shape
 
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def bundle_tag(bundle_id: str) -> str:
-    """The model tag that binds adapters to a bundle: PEFT copies base-model tags into the adapter card."""
-    return "loram-bundle-" + bundle_id.removeprefix("sha256:")[:16]
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, bundle: Bundle) -> torch.dtype:

@@ -13,8 +13,6 @@ import torch
 
 from ..families import ATTENTION_ROLES, MLP_ROLES, ArchSpec
 
-IMPORTANCE_KINDS = ("random", "magnitude", "taylor")
-
 
 def unit_sums(t: torch.Tensor, dim: int, units: int) -> torch.Tensor:
     """Sum a per-element score over each of ``units`` equal slices of dimension ``dim``: -> (units,)."""

@@ -25,10 +25,10 @@ from ..bundle.writer import copy_base_files, finalize, new_manifest
 from ..errors import BaseModelError, LoramError, OutputExistsError
 from ..families import ArchSpec
 from .. import progress
-from .._memory import return_large_blocks_to_os
+from ..memory import return_large_blocks_to_os
 from ..families.geometry import LayerDims, layer_index_maps, pruned_shape, slice_tensor
-from .plan import plan_layers
-from .importance import IMPORTANCE_KINDS, group_scores, random_units, top_units
+from ..families.pruning_rules import IMPORTANCE_KINDS, plan_layers
+from .importance import group_scores, random_units, top_units
 from .taylor import read_calibration, taylor_scores
 
 
@@ -76,7 +76,7 @@ def prune(
         ratio: fraction of units removed from each pruned layer, in [0, 1).
         importance: ``random`` (LoRAM-Rand), ``magnitude`` or ``taylor`` (LoRAM-Stru).
         keep_first, keep_last: layers left intact at each end (default 4 and 2, fewer
-            for shallow models; see :func:`~loramkit.prune.geometry.layers_kept_intact`).
+            for shallow models; see :func:`~loramkit.families.pruning_rules.layers_kept_intact`).
         calibration: text file for ``taylor`` (.txt passages or .jsonl with 'text').
         base_name, base_revision: the base's identity recorded in the manifest (default:
             the directory's absolute path, no revision).

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import math
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 import torch
 
 from .. import progress
-from .._memory import return_large_blocks_to_os
+from ..memory import return_large_blocks_to_os
 from ..bundle import Bundle, card
 from ..bundle import quantization as qformat
 from ..bundle.checkpoint import INDEX_NAME, parse_size, plan_shards, shard_names
@@ -145,39 +144,6 @@ def quantize_bundle(
         )
         (tmp / card.CARD_NAME).write_text(card.render(manifest), encoding="utf-8")
         return finalize(tmp, manifest, sha)
-
-
-def prune_quantized(
-    base_dir: str | Path,
-    out_dir: str | Path,
-    ratio: float,
-    quant_type: str = "nf4",
-    *,
-    overwrite: bool = False,
-    show_progress: bool = True,
-    **prune_kw: Any,
-) -> dict[str, Any]:
-    """Prune ``base_dir`` and quantize the result into ``out_dir`` (``loramkit prune --quantize``).
-
-    The 16-bit bundle is pruned into a hidden sibling of ``out_dir`` and removed afterwards,
-    so ``out_dir`` appears whole (quantized) or not at all. ``prune_kw`` go to
-    :func:`loramkit.prune.pruner.prune`; quantization uses the defaults of :func:`quantize_bundle`.
-    """
-    from ..prune.pruner import prune
-
-    if quant_type not in qformat.QUANT_TYPES:
-        raise LoramError(f"unknown quantization type {quant_type!r}; choose one of {', '.join(qformat.QUANT_TYPES)}")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = out.parent / f".{out.name}.tmp-prune-{uuid.uuid4().hex[:8]}"
-    try:
-        prune(base_dir, scratch, ratio, show_progress=show_progress, **prune_kw)
-        shard = prune_kw.get("max_shard_size", "2GiB")
-        return quantize_bundle(scratch, out, quant_type, max_shard_size=shard, overwrite=overwrite, show_progress=show_progress)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _layer(family: Any, name: str) -> int:

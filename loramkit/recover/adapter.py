@@ -18,7 +18,7 @@ import torch
 
 from ..bundle import Bundle
 from ..bundle.fsutil import read_json, staged_dir, write_json
-from ..bundle.manifest import ADAPTER_RECORD_NAME as ADAPTER_RECORD, MANIFEST_NAME
+from ..bundle.manifest import ADAPTER_RECORD_NAME as ADAPTER_RECORD, MANIFEST_NAME, bundle_tag
 from ..errors import AdapterError, BundleError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -101,8 +101,6 @@ def resolve_bundle(adapter: Adapter, bundle: str | Path | Bundle | None) -> Bund
     card, and the bundle named by ``base_model_name_or_path``. Without ``bundle``, the
     recorded bundle path, then ``base_model_name_or_path``, is where the bundle is looked for.
     """
-    from ..model.loader import bundle_tag
-
     named = adapter.config.get("base_model_name_or_path")
     named_dir = Path(named) if named else None
     recorded_id = (adapter.record or {}).get("bundle_id")

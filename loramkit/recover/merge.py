@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .. import progress
-from .._memory import return_large_blocks_to_os
+from ..memory import return_large_blocks_to_os
 from ..bundle import Bundle
 from ..bundle.checkpoint import INDEX_NAME, TOKENIZER_FILES, Checkpoint
 from ..bundle.fsutil import staged_dir

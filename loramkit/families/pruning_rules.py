@@ -1,6 +1,9 @@
-"""Which layers are pruned and how many units each keeps (the counting rule).
+"""The pruning rules a bundle records: which layers are pruned, how many units each keeps
+(the paper's counting rule, ``pruning.rounding``), and the known importance kinds.
 
-Pure math over shapes and index tensors; knows nothing of files.
+They sit below bundle/ because the format is defined by them: ``loramkit validate``
+re-derives every layer's kept counts from the recorded ratio, and prune/ applies the same
+rule when it writes a bundle. Pure arithmetic over config sizes; knows nothing of files.
 """
 
 from __future__ import annotations
@@ -9,12 +12,14 @@ import math
 from fractions import Fraction
 
 from ..errors import LoramError
-from ..families import ArchSpec
-from ..families.geometry import LayerDims
+from .base import ArchSpec
+from .geometry import LayerDims
 
 DEFAULT_KEEP_FIRST = 4
 DEFAULT_KEEP_LAST = 2
 ROUNDING_RULES = ("paper",)
+# Values of pruning.importance this loramkit writes; others are provenance it cannot re-check.
+IMPORTANCE_KINDS = ("random", "magnitude", "taylor")
 
 
 def exact_ratio(ratio: float | str) -> Fraction:

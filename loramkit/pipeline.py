@@ -1,0 +1,46 @@
+"""Steps that chain several packages: they sit above prune/ and quant/, which know nothing of each other."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .bundle import quantization as qformat
+from .errors import LoramError, OutputExistsError
+
+
+def prune_quantized(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    ratio: float,
+    quant_type: str = "nf4",
+    *,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    **prune_kw: Any,
+) -> dict[str, Any]:
+    """Prune ``base_dir`` and quantize the result into ``out_dir`` (``loramkit prune --quantize``).
+
+    The 16-bit bundle is pruned into a hidden sibling of ``out_dir`` and removed afterwards,
+    so ``out_dir`` appears whole (quantized) or not at all. ``prune_kw`` go to
+    :func:`loramkit.prune.pruner.prune`; quantization uses the defaults of
+    :func:`loramkit.quant.convert.quantize_bundle`.
+    """
+    from .prune.pruner import prune
+    from .quant.convert import quantize_bundle
+
+    if quant_type not in qformat.QUANT_TYPES:
+        raise LoramError(f"unknown quantization type {quant_type!r}; choose one of {', '.join(qformat.QUANT_TYPES)}")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = out.parent / f".{out.name}.tmp-prune-{uuid.uuid4().hex[:8]}"
+    try:
+        prune(base_dir, scratch, ratio, show_progress=show_progress, **prune_kw)
+        shard = prune_kw.get("max_shard_size", "2GiB")
+        return quantize_bundle(scratch, out, quant_type, max_shard_size=shard, overwrite=overwrite, show_progress=show_progress)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -9,7 +9,8 @@
    process so that each peak memory is its own.
 4. Recovers the QLoRAM adapter onto the base and evaluates held-out task data.
 
-Offline, about two minutes on 2 CPU cores.
+Offline, a few minutes on 2 CPU cores, in the precision the CPU computes fastest
+(bf16 autocast with AVX512-BF16 or AMX, fp32 otherwise: see :mod:`loramkit.precision`).
 """
 
 from __future__ import annotations
@@ -121,48 +122,43 @@ def pretrain(
     seed: int,
     weight_decay: float = 0.01,
     max_grad_norm: float | None = None,
-    autocast: bool = True,
+    precision: str = "auto",
     log=print,
     label: str = "pre-training the base",
 ) -> list[float]:
     """Full-parameter pre-training from scratch (AdamW, warmup + cosine); returns the loss per step.
 
-    Shared by the demo and ``bench/replicate``; the model stays on its device, batches follow it.
+    The step loop and precision rule of ``train`` and ``align`` (:mod:`loramkit.train.loop`,
+    :mod:`loramkit.precision`), with every parameter trained and no checkpoints. Shared by the
+    demo and ``bench/replicate``; the model stays on its device, batches follow it.
     """
-    from .train.data import collate
-    from .train.loop import BatchPlan, lr_factor
+    import tempfile
+
+    from .precision import resolve_precision
+    from .train.loop import LoopConfig, run_loop
 
     device = next(model.parameters()).device
-    plan = BatchPlan(len(examples), batch, 1, 1, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, steps))
-    model.train()
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    for step in range(steps):
-        batch_t = collate([examples[i] for i in plan.micro_batches(step, 0)[0]], pad_id)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(**{k: v.to(device) for k, v in batch_t.items()}).loss
-        loss.backward()
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 100 == 0 or step == steps - 1:
-            log(f"{label}: step {step + 1}/{steps}, loss {losses[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
-    return losses
+    prec = resolve_precision(precision, device)
+    log(f"{label}: precision {prec.describe()}")
+    cfg = LoopConfig(
+        total_steps=steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup, micro_batch=batch, seed=seed,
+        autocast_dtype=prec.autocast_dtype, max_grad_norm=max_grad_norm, log_every=50, label=label,
+    )  # fmt: skip
+    trainable = dict(model.named_parameters())
+    with tempfile.TemporaryDirectory() as never_written:  # save_every=0: no checkpoint is made
+        r = run_loop(model, trainable, examples, [], pad_id, cfg, device=device, rank=0, world=1,
+                     ckpt_root=Path(never_written), identity={}, log=log)  # fmt: skip
+    return r.history
 
 
-def build_base(workdir: Path, log=print) -> Path:
+def build_base(workdir: Path, log=print, precision: str = "auto") -> Path:
     """The pre-trained demo base, built once per work directory."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from .train.data import load_examples
 
     base_dir = workdir / "base"
-    stamp = json.dumps({"config": DEMO_CONFIG, "pretrain": PRETRAIN})
+    stamp = json.dumps({"config": DEMO_CONFIG, "pretrain": PRETRAIN, "precision": precision})
     if (base_dir / "demo.json").is_file() and (base_dir / "demo.json").read_text() == stamp:
         log(f"base model: {base_dir} (cached)")
         return base_dir
@@ -175,7 +171,7 @@ def build_base(workdir: Path, log=print) -> Path:
     model = AutoModelForCausalLM.from_config(LlamaConfig(**DEMO_CONFIG, vocab_size=len(tok)))
     examples, _ = load_examples(corpus, tok, PRETRAIN["seq_len"])
     pretrain(model, examples, tok.pad_token_id, steps=PRETRAIN["steps"], batch=PRETRAIN["batch"], lr=PRETRAIN["lr"],
-             warmup=PRETRAIN["warmup"], seed=PRETRAIN["seed"], log=log)  # fmt: skip
+             warmup=PRETRAIN["warmup"], seed=PRETRAIN["seed"], precision=precision, log=log)  # fmt: skip
     model.save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
     (base_dir / "demo.json").write_text(stamp)
@@ -184,17 +180,17 @@ def build_base(workdir: Path, log=print) -> Path:
     return base_dir
 
 
-def _train_in_child(bundle: Path, data: Path, out: Path, steps: int, log) -> dict[str, Any]:
+def _train_in_child(bundle: Path, data: Path, out: Path, steps: int, precision: str, log) -> dict[str, Any]:
     """``loramkit train`` in its own process, so its peak memory is its own."""
     cmd = [sys.executable, "-m", "loramkit", "train", str(bundle), "--data", str(data), "--out", str(out),
            "--max-steps", str(steps), "--seq-len", "64", "--micro-batch", "8", "--lr", "3e-3", "--rank", "8",
-           "--alpha", "16", "--warmup-steps", "10", "--overwrite"]  # fmt: skip
+           "--alpha", "16", "--warmup-steps", "10", "--precision", precision, "--overwrite"]  # fmt: skip
     proc = subprocess.run(cmd, env={**os.environ, "LORAMKIT_NO_PROGRESS": "1"}, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"training on {bundle} failed:\n{proc.stderr[-2000:]}")
     summary = json.loads((out / "loram_adapter.json").read_text())["training"]["summary"]
     log(f"trained on {bundle.name}: {summary['steps']} steps, {summary['tokens_per_second']:,.0f} tokens/s, "
-        f"peak {summary['peak_memory_bytes'] / 2**20:,.0f} MiB")  # fmt: skip
+        f"peak {summary['peak_memory_bytes'] / 2**20:,.0f} MiB, {summary['precision']}")  # fmt: skip
     return summary
 
 
@@ -202,12 +198,17 @@ def _weight_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors") if p.name != "kept_indices.safetensors")
 
 
-def run(workdir: Path, *, ratio: float = 0.5, steps: int = 120, log=print) -> dict[str, Any]:
-    """Run the demo in ``workdir``; returns the rows of the result table."""
+def run(workdir: Path, *, ratio: float = 0.5, steps: int = 120, precision: str = "auto", log=print) -> dict[str, Any]:
+    """Run the demo in ``workdir``; returns the rows of the result table.
+
+    ``precision`` (see :mod:`loramkit.precision`) applies to pre-training, both LoRA runs and
+    the evaluation: ``auto`` is bf16 autocast on CPUs that compute bf16 natively, else fp32.
+    """
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .model.loader import load_pruned_model
+    from .precision import resolve_precision
     from .prune.pruner import prune
     from .quant import quantize_bundle
     from .recover.adapter import recover_adapter
@@ -215,8 +216,10 @@ def run(workdir: Path, *, ratio: float = 0.5, steps: int = 120, log=print) -> di
     from .train.metrics import evaluate
 
     t0 = time.perf_counter()
+    prec = resolve_precision(precision, torch.device("cpu"))
+    log(f"precision: {prec.describe()}")
     workdir.mkdir(parents=True, exist_ok=True)
-    base_dir = build_base(workdir, log)
+    base_dir = build_base(workdir, log, prec.name)
     data = workdir / "data"
     (data / "task-train.txt").write_text("\n\n".join(task_texts(600, seed=1)))
     (data / "task-heldout.txt").write_text("\n\n".join(task_texts(80, seed=2)))
@@ -227,8 +230,8 @@ def run(workdir: Path, *, ratio: float = 0.5, steps: int = 120, log=print) -> di
     prune(base_dir, full, 0.0, overwrite=True, show_progress=False)  # nothing removed: plain LoRA
     log(f"pruned at ratio {ratio} and quantized to NF4: {qloram}")
 
-    qloram_run = _train_in_child(qloram, data / "task-train.txt", workdir / "adapter-qloram", steps, log)
-    full_run = _train_in_child(full, data / "task-train.txt", workdir / "adapter-lora-full", steps, log)
+    qloram_run = _train_in_child(qloram, data / "task-train.txt", workdir / "adapter-qloram", steps, prec.name, log)
+    full_run = _train_in_child(full, data / "task-train.txt", workdir / "adapter-lora-full", steps, prec.name, log)
     recover_adapter(workdir / "adapter-qloram", workdir / "adapter-recovered", overwrite=True)
     recover_adapter(workdir / "adapter-lora-full", workdir / "adapter-lora-full-base", overwrite=True)
 
@@ -236,7 +239,7 @@ def run(workdir: Path, *, ratio: float = 0.5, steps: int = 120, log=print) -> di
     held_out, _ = load_examples(data / "task-heldout.txt", tok, 64)
 
     def ppl(model) -> float:
-        return evaluate(model, held_out, tok.pad_token_id, 16)["perplexity"]
+        return evaluate(model, held_out, tok.pad_token_id, 16, prec.autocast_dtype)["perplexity"]
 
     def base() -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -247,7 +250,8 @@ def run(workdir: Path, *, ratio: float = 0.5, steps: int = 120, log=print) -> di
         ("base + recovered QLoRAM", ppl(peft.PeftModel.from_pretrained(base(), workdir / "adapter-recovered")),
          _weight_bytes(base_dir) + adapter_bytes, qloram_run),
         ("pruned NF4 + adapter",
-         ppl(peft.PeftModel.from_pretrained(load_pruned_model(qloram), workdir / "adapter-qloram")),
+         ppl(peft.PeftModel.from_pretrained(load_pruned_model(qloram, compute_dtype=prec.compute_dtype),
+                                            workdir / "adapter-qloram")),
          _weight_bytes(qloram) + _weight_bytes(workdir / "adapter-qloram"), qloram_run),
         ("base + full-model LoRA", ppl(peft.PeftModel.from_pretrained(base(), workdir / "adapter-lora-full-base")),
          _weight_bytes(base_dir) + adapter_bytes, full_run),
@@ -261,4 +265,5 @@ def run(workdir: Path, *, ratio: float = 0.5, steps: int = 120, log=print) -> di
         ],  # fmt: skip
         "seconds": time.perf_counter() - t0,
         "workdir": str(workdir),
+        "precision": prec.to_json(),
     }

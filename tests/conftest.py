@@ -9,8 +9,8 @@ Fixtures
 ``family_base_dir``  ``make_base_dir(family_case)`` (default kwargs).
 ``tiny_tok``         a fresh ``tests.factory.tiny_tokenizer()``.
 
-Test policy set here: no network (HF_HUB_OFFLINE), ``torch.set_num_threads(2)``
-once, ``torch.manual_seed(0)`` before every test, warnings raised from
+Test policy set here: no network (HF_HUB_OFFLINE), bf16 off (``LORAMKIT_NATIVE_BF16=0``:
+precision ``auto`` is fp32), ``torch.set_num_threads(2)`` once (``LORAMKIT_TEST_THREADS``), ``torch.manual_seed(0)`` before every test, warnings raised from
 transformers / peft / torch / safetensors / tokenizers / huggingface_hub are
 shown, not turned into errors, even if the project config says
 ``filterwarnings = error`` (a test that wants them as errors opts in with
@@ -28,6 +28,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# bf16 off: precision "auto" resolves to fp32 on every machine, so results do not depend on
+# whether this CPU has AVX512-BF16 (tests that need bf16 ask for it explicitly).
+os.environ.setdefault("LORAMKIT_NATIVE_BF16", "0")
 
 import stat
 from pathlib import Path
@@ -43,7 +46,7 @@ _QUIET_MODULES = ("transformers", "peft", "torch", "safetensors", "tokenizers", 
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("LORAMKIT_TEST_THREADS", "2")))  # the suite passes with 1 and 2
     try:
         from transformers.utils import logging as hf_logging
 

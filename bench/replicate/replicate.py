@@ -257,7 +257,7 @@ def build_family(st: Stages, s: Settings, data: Path) -> dict[str, Any]:
             t0 = time.perf_counter()
             losses = pretrain(model, examples, tok.pad_token_id, steps=s.pretrain_steps, batch=s.pretrain_batch, lr=s.pretrain_lr,
                               warmup=s.pretrain_warmup, seed=0, weight_decay=0.1, max_grad_norm=1.0,
-                              autocast=st.device != "cpu", log=st.log, label=f"pre-training {name}")  # fmt: skip
+                              precision="fp32" if st.device == "cpu" else "auto", log=st.log, label=f"pre-training {name}")  # fmt: skip
             seconds = time.perf_counter() - t0
             model.to("cpu").save_pretrained(st.work / name)
             tok.save_pretrained(st.work / name)

@@ -25,3 +25,11 @@ KeepCheckpoints = Annotated[bool, typer.Option(help="Keep OUT.ckpt/ after a succ
 Resume = Annotated[bool, typer.Option(help="Continue from the newest checkpoint in OUT.ckpt/.")]
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda when present].")]
 Overwrite = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
+
+from ..precision import PrecisionChoice  # noqa: E402
+
+Precision = Annotated[
+    PrecisionChoice,
+    typer.Option(help="auto: bf16 autocast where the device computes bf16 natively (CUDA; CPUs with AVX512-BF16 "
+                      "or AMX), else fp32 (fp16-mixed on CUDA without bf16) | bf16-mixed | fp16-mixed | bf16 | fp32."),
+]  # fmt: skip

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import Device, Endpoint, KeepCheckpoints, Overwrite, Resume, SaveEvery, Token, console, err
+from ..precision import PrecisionChoice
+from ._common import Device, Endpoint, KeepCheckpoints, Overwrite, Precision, Resume, SaveEvery, Token, console, err
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +30,7 @@ def register(app: typer.Typer) -> None:
         seq_len: Annotated[int, typer.Option(help="Tokens per sequence (packed blocks).")] = 512,
         train_lm_head: Annotated[bool, typer.Option(help="Also train lm_head (and a tied input embedding); frozen by default, as in the paper.")] = False,
         gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
-        precision: Annotated[str, typer.Option(help="bf16-mixed (fp32 master weights, bf16 autocast) | bf16 | fp32.")] = "bf16-mixed",
+        precision: Precision = PrecisionChoice.auto,
         seed: Annotated[int, typer.Option(min=0, help="Seed for the data order.")] = 0,
         eval_data: Annotated[Optional[Path], typer.Option(help="Held-out corpus (file or directory).")] = None,
         eval_split: Annotated[float, typer.Option(help="Without --eval-data, hold out this fraction of the corpus's blocks (at least one).")] = 0.01,
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
         config = AlignConfig(
             lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm or None,
             tokens=tokens, max_steps=max_steps, micro_batch=micro_batch, grad_accum=grad_accum, seq_len=seq_len,
-            train_lm_head=train_lm_head, gradient_checkpointing=gradient_checkpointing, precision=precision, seed=seed,
+            train_lm_head=train_lm_head, gradient_checkpointing=gradient_checkpointing, precision=precision.value, seed=seed,
             eval_split=eval_split, eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints,
             fsdp=fsdp, log_every=log_every,
         )  # fmt: skip
@@ -70,6 +71,7 @@ def register(app: typer.Typer) -> None:
             ("tokens", f"{s['tokens_seen']:,}"),
             ("time", f"{s['seconds']:.1f} s ({s['tokens_per_second']:,.0f} tokens/s)"),
             ("peak memory", f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB ({s['device']})"),
+            ("precision", f"{s['precision']} ({s['precision_reason']})"),
             ("final train loss", f"{s['final_train_loss']:.4f}"),
         ]
         if s["heldout_loss_before"] is not None:

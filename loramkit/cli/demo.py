@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import console, err
+from ..precision import PrecisionChoice
+from ._common import Precision, console, err
 
 
 def register(app: typer.Typer) -> None:
@@ -17,12 +18,13 @@ def register(app: typer.Typer) -> None:
         workdir: Annotated[Path, typer.Option(help="Where the demo writes its models (the base is cached there).")] = Path("demo-output"),
         ratio: Annotated[float, typer.Option(help="Pruning ratio.")] = 0.5,
         steps: Annotated[int, typer.Option(help="LoRA training steps.")] = 120,
+        precision: Precision = PrecisionChoice.auto,
     ) -> None:
         """Pre-train a small model, prune + quantize it, train LoRA on it, recover onto the original, compare."""
         from ..demo import run
 
-        result = run(workdir, ratio=ratio, steps=steps, log=lambda s: err.print(s))
-        table = Table(title=f"held-out task data ({result['seconds']:.0f} s in all)")
+        result = run(workdir, ratio=ratio, steps=steps, precision=precision.value, log=lambda s: err.print(s))
+        table = Table(title=f"held-out task data ({result['seconds']:.0f} s in all, {result['precision']['precision']})")
         for col in ("model", "perplexity", "weights", "train peak", "train tok/s"):
             table.add_column(col, justify="left" if col == "model" else "right")
         for r in result["rows"]:

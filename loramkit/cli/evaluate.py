@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import LoramError
-from ._common import Endpoint, Token, console
+from ..precision import PrecisionChoice
+from ._common import Endpoint, Precision, Token, console
 
 
 def register(app: typer.Typer) -> None:
@@ -21,7 +22,7 @@ def register(app: typer.Typer) -> None:
         seq_len: Annotated[Optional[int], typer.Option(help="Tokens per example [default: 512, or less if the model takes less].")] = None,
         micro_batch: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
         data_format: Annotated[str, typer.Option(help="auto | text | jsonl-text | instructions | chat.")] = "auto",
-        precision: Annotated[str, typer.Option(help="fp32 | bf16-mixed.")] = "fp32",
+        precision: Precision = PrecisionChoice.auto,
         device: Annotated[str, typer.Option(help="cpu, cuda ...")] = "cpu",
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
         endpoint: Endpoint = None,
@@ -34,13 +35,16 @@ def register(app: typer.Typer) -> None:
         from ..train.data import load_examples
         from ..train.metrics import evaluate
 
-        if precision not in ("fp32", "bf16-mixed"):
-            raise LoramError(f"--precision must be fp32 or bf16-mixed, got {precision!r}")
+        from ..precision import resolve_precision
+
+        prec = resolve_precision(precision.value, device)
         from ..hub.resolve import adapter_dir, model_or_bundle_dir
 
         model_path = model_or_bundle_dir(model, endpoint=endpoint, token=token)
         adapter_path = adapter_dir(adapter, endpoint=endpoint, token=token) if adapter else None
-        m = load_model(model_path, dtype="float32", device=device)
+        # fp32 weights (bf16 weights only under pure bf16); a 4-bit bundle computes in the run's precision.
+        m = load_model(model_path, dtype="bfloat16" if prec.name == "bf16" else "float32", device=device,
+                       compute_dtype=prec.compute_dtype)  # fmt: skip
         max_len = getattr(m.config, "max_position_embeddings", None)
         if seq_len is None:
             seq_len = min(512, max_len or 512)
@@ -62,7 +66,8 @@ def register(app: typer.Typer) -> None:
             raise LoramError(f"{model}: no usable tokenizer ({exc})") from None
         examples, fmt = load_examples(data, tok, seq_len, fmt=data_format)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        result = evaluate(m, examples, pad_id, micro_batch, autocast=precision == "bf16-mixed")
+        result = evaluate(m, examples, pad_id, micro_batch, prec.autocast_dtype)
+        result["precision"] = prec.name
         result |= {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),
                    "data_format": fmt, "examples": len(examples)}  # fmt: skip
         if as_json:

@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import Device, Endpoint, KeepCheckpoints, Overwrite, Resume, SaveEvery, Token, console, err
+from ..precision import PrecisionChoice
+from ._common import Device, Endpoint, KeepCheckpoints, Overwrite, Precision, Resume, SaveEvery, Token, console, err
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +35,7 @@ def register(app: typer.Typer) -> None:
         grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
         seq_len: Annotated[int, typer.Option(help="Tokens per example (packed text) / truncation length.")] = 512,
         gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
-        precision: Annotated[str, typer.Option(help="bf16-mixed (fp32 LoRA, bf16 autocast) | bf16 | fp32.")] = "bf16-mixed",
+        precision: Precision = PrecisionChoice.auto,
         seed: Annotated[int, typer.Option(min=0, help="Seed for data order, LoRA init and dropout.")] = 0,
         eval_data: Annotated[Optional[Path], typer.Option(help="Held-out data file.")] = None,
         eval_split: Annotated[float, typer.Option(help="Hold out this fraction of --data when no --eval-data.")] = 0.0,
@@ -56,7 +57,7 @@ def register(app: typer.Typer) -> None:
             rank=rank, alpha=alpha, dropout=dropout, target_modules=tuple(target or DEFAULT_TARGETS), lm_head=lm_head,
             rslora=rslora, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, epochs=epochs,
             max_steps=max_steps, micro_batch=micro_batch, grad_accum=grad_accum, seq_len=seq_len,
-            gradient_checkpointing=gradient_checkpointing, precision=precision, seed=seed, eval_split=eval_split,
+            gradient_checkpointing=gradient_checkpointing, precision=precision.value, seed=seed, eval_split=eval_split,
             eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints, data_format=data_format,
         )  # fmt: skip
         main = int(os.environ.get("RANK", "0")) == 0
@@ -75,6 +76,7 @@ def register(app: typer.Typer) -> None:
             ("tokens", f"{s['tokens']:,}"),
             ("time", f"{s['seconds']:.1f} s ({s['tokens_per_second']:,.0f} tokens/s)"),
             ("peak memory", f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB ({s['device']})"),
+            ("precision", f"{s['precision']} ({s['precision_reason']})"),
             ("final train loss", f"{s['final_train_loss']:.4f}"),
         ]
         if s["eval_loss"] is not None:

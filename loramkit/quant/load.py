@@ -23,6 +23,7 @@ def load_4bit_linears(
     shapes: dict[str, tuple[int, ...]],
     device: str | torch.device,
     dtype: torch.dtype,
+    compute_dtype: torch.dtype | None = None,
 ) -> set[str]:
     """Replace each module the manifest lists as 4-bit by a ``Linear4bit`` built from its state.
 
@@ -32,13 +33,14 @@ def load_4bit_linears(
     Args:
         shapes: logical (unquantized) shape of every tensor, from the manifest and index maps.
         dtype: dtype for the modules' biases, like every other tensor not stored in 4 bits.
+        compute_dtype: what the 4-bit layers compute in; None: the manifest's ``compute_dtype``.
 
     Returns:
         The stored tensor names consumed (weights, their state, biases).
     """
     q = b.manifest["quantization"]
     storage = b.manifest["weights"]["dtype"]
-    compute = _TORCH_DTYPES[q["compute_dtype"]]
+    compute = compute_dtype or _TORCH_DTYPES[q["compute_dtype"]]
     family = b.arch.family
     stored = set(ckpt.names())
     done: set[str] = set()

@@ -35,15 +35,12 @@ from ..bundle.manifest import CARD_NAME
 from ..bundle.safetensors_io import DTYPES, StreamingWriter
 from ..bundle.writer import finalize, new_manifest
 from ..errors import LoramError
-from .config import PRECISIONS, AlignConfig
+from .config import AlignConfig
 from .corpus import Corpus, PackedBlocks, load_corpus
-from .loop import ADAMW_BETAS, ADAMW_EPS, LoopConfig, dist_init, full_tensors, pick_device, run_loop, output_paths
+from .loop import ADAMW_BETAS, ADAMW_EPS, dist_init, full_tensors, run_loop
+from .setup import enable_activation_checkpointing, load_tokenizer, start_run
 
 __all__ = ["align", "heldout_indices", "trainable_parameters"]
-
-# Options that do not change what is computed: a checkpoint resumes across them.
-_NOT_IDENTITY = ("save_every", "keep_checkpoints", "log_every")
-
 
 def trainable_parameters(model: nn.Module, train_lm_head: bool = False) -> dict[str, nn.Parameter]:
     """Set ``requires_grad`` on every parameter: all train but ``lm_head`` unless ``train_lm_head``.
@@ -78,16 +75,8 @@ def heldout_indices(n: int, fraction: float) -> list[int]:
     return [int((i + 0.5) * n / k) for i in range(k)]  # distinct: n / k > 1
 
 
-def _check(config: AlignConfig, model_max_len: int | None, world: int) -> None:
-    if config.precision not in PRECISIONS:
-        raise LoramError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
-    if config.micro_batch < 1 or config.grad_accum < 1 or config.seq_len < 2:
-        raise LoramError("micro-batch and grad-accum must be >= 1 and seq-len >= 2")
-    if model_max_len is not None and config.seq_len > model_max_len:
-        raise LoramError(
-            f"--seq-len {config.seq_len} is longer than the model takes (max_position_embeddings {model_max_len}); "
-            f"use --seq-len {model_max_len} or less"
-        )
+def _check(config: AlignConfig, world: int) -> None:
+    """What only alignment checks; the options every run shares are checked by ``start_run``."""
     if config.tokens is not None and config.max_steps is not None:
         raise LoramError("pass --tokens or --max-steps, not both")
     if (config.tokens is not None and config.tokens < 1) or (config.max_steps is not None and config.max_steps < 1):
@@ -98,14 +87,6 @@ def _check(config: AlignConfig, model_max_len: int | None, world: int) -> None:
         raise LoramError("--lr must be positive, --warmup-steps and --weight-decay not negative")
     if config.fsdp and world < 2:
         raise LoramError("--fsdp shards the model over several processes; launch with torchrun --nproc_per_node N (N >= 2)")
-
-
-def _enable_activation_checkpointing(model: nn.Module) -> None:
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:  # pragma: no cover - older transformers
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def align(
@@ -148,13 +129,9 @@ def align(
         >>> align("llama-loram-0.85", "fineweb-sample/", "llama-loram-0.85-aligned",
         ...       AlignConfig(tokens=100_000_000), description="FineWeb:OpenWebMath 2:1")["heldout_loss_after"]
     """
-    from transformers import AutoTokenizer
-
     from ..model.loader import load_pruned_model
 
     config = config or AlignConfig()
-    rank, world = dist_init()
-    out, ckpt_root = output_paths(out, overwrite=overwrite, resume=resume, command="align")
     b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     q = b.manifest.get("quantization")
     if q is not None:
@@ -162,18 +139,17 @@ def align(
             f"{b.path} is a 4-bit ({q['quant_type']}) bundle, which cannot be aligned: align the 16-bit bundle "
             "it was quantized from first, then quantize the aligned bundle (loramkit quantize)"
         )
-    if out.resolve() == b.path.resolve():
+    if Path(out).resolve() == b.path.resolve():
         raise LoramError(f"{out} is the bundle being aligned; write the aligned bundle to another directory")
-    _check(config, b.config.get("max_position_embeddings"), world)
-    dev = pick_device(device, world)
+    _check(config, dist_init()[1])
+    run = start_run(out, command="align", precision=config.precision, device=device, overwrite=overwrite, resume=resume,
+                    seq_len=config.seq_len, micro_batch=config.micro_batch, grad_accum=config.grad_accum,
+                    model_max_len=b.config.get("max_position_embeddings"), log=log)  # fmt: skip
+    rank, world, dev, out = run.rank, run.world, run.device, run.out
 
-    try:
-        tok = AutoTokenizer.from_pretrained(b.path)
-    except (OSError, ValueError) as exc:
-        raise LoramError(f"{b.path}: the bundle has no usable tokenizer ({exc}); re-prune a base that ships one") from None
+    tok, pad_id = load_tokenizer(b.path)
     corpus = load_corpus(data, tok, config.seq_len)
     blocks, held_out, heldout_info = _split(corpus, eval_data, tok, config)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     global_batch = config.micro_batch * config.grad_accum * world
     batch_tokens = global_batch * config.seq_len
     if config.max_steps is not None:
@@ -194,31 +170,21 @@ def align(
         if not held_out:
             log("note: nothing is held out (--eval-split 0 and no --eval-data): the manifest records no held-out loss")
 
-    autocast = config.precision == "bf16-mixed"
-    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32  # bf16-mixed: fp32 master weights
+    # Master weights in fp32 under mixed precision (bf16 only when asked for pure bf16).
+    dtype = torch.bfloat16 if run.precision.name == "bf16" else torch.float32
     # Under FSDP every process loads the model on the CPU and keeps only its shards on the device.
     model = load_pruned_model(b, dtype=dtype, device="cpu" if config.fsdp else dev)
     if config.gradient_checkpointing:
-        _enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model)
     trainable = trainable_parameters(model, config.train_lm_head)
-    loop = LoopConfig(
-        total_steps=total, lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
-        micro_batch=config.micro_batch, grad_accum=config.grad_accum, seed=config.seed, autocast=autocast,
-        max_grad_norm=config.max_grad_norm or None, eval_every=config.eval_every, eval_at_start=True,
-        save_every=config.save_every, log_every=config.log_every, fsdp=config.fsdp, label="align",
-    )  # fmt: skip
-    identity = {
-        "bundle_id": b.bundle_id,
-        "corpus_sha256": corpus.sha256,
-        "heldout": heldout_info,
-        "config": {k: v for k, v in config.to_json().items() if k not in _NOT_IDENTITY},
-        "world": world,
-    }
+    loop = run.loop_config(total, config, max_grad_norm=config.max_grad_norm or None, eval_at_start=True,
+                           log_every=config.log_every, fsdp=config.fsdp, label="align")  # fmt: skip
+    identity = run.identity(config.to_json(), bundle_id=b.bundle_id, corpus_sha256=corpus.sha256, heldout=heldout_info)
     r = run_loop(model, trainable, blocks, held_out, pad_id, loop, device=dev, rank=rank, world=world,
-                 ckpt_root=ckpt_root, identity=identity, resume=resume, stop_after=stop_after,
+                 ckpt_root=run.ckpt_root, identity=identity, resume=resume, stop_after=stop_after,
                  show_progress=show_progress, log=log)  # fmt: skip
     if r.interrupted:
-        return {"steps": r.steps, "interrupted": True, "checkpoint_dir": str(ckpt_root)}
+        return {"steps": r.steps, "interrupted": True, "checkpoint_dir": str(run.ckpt_root)}
 
     before = next((loss for step, loss in r.eval_history if step == 0), None) if held_out else None
     after = r.final_eval["loss"] if r.final_eval else None
@@ -252,7 +218,7 @@ def align(
             "grad_accum": config.grad_accum,
             "world_size": world,
             "global_batch_tokens": batch_tokens,
-            "precision": config.precision,
+            "precision": run.precision.name,
             "train_lm_head": config.train_lm_head,
             "seed": config.seed,
             "distributed": ("fsdp" if config.fsdp else "ddp") if world > 1 else None,
@@ -277,6 +243,8 @@ def align(
         "corpus": alignment["corpus"] | {"blocks": len(blocks), "heldout_blocks": len(held_out)},
         "world_size": world,
         "device": str(dev),
+        "precision": run.precision.name,
+        "precision_reason": run.precision.reason,
     }
 
     # Rank 0 writes; under FSDP the others take part in gathering each trained tensor.
@@ -290,11 +258,10 @@ def align(
     if rank == 0:
         summary["manifest"] = _write_bundle(b, out, overwrite, set(trainable), gathered, alignment)
         summary["bundle_id"] = summary["manifest"]["bundle_id"]
-        if not config.keep_checkpoints:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
     elif config.fsdp:
         for _ in gathered:
             pass
+    run.finish(config.keep_checkpoints)
     if world > 1:
         torch.distributed.barrier()
     return summary

@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PRECISIONS = ("bf16-mixed", "bf16", "fp32")
 
 
 @dataclass
@@ -28,9 +27,10 @@ class TrainConfig:
     grad_accum: int = 1
     seq_len: int = 512
     gradient_checkpointing: bool = False
-    # bf16-mixed: fp32 LoRA weights, bf16 autocast (the default; fast on CPUs with AVX512-BF16
-    # and on GPUs); bf16: everything bf16; fp32: no autocast.
-    precision: str = "bf16-mixed"
+    # auto (bf16-mixed where the device computes bf16 natively, else fp32, or fp16-mixed on
+    # CUDA without bf16; see loramkit.precision) | bf16-mixed: fp32 LoRA weights, frozen base
+    # and 4-bit layers in bf16, bf16 autocast | fp16-mixed | bf16: everything bf16 | fp32.
+    precision: str = "auto"
     seed: int = 0
     eval_split: float = 0.0  # fraction of the data held out when no eval file is given
     eval_every: int = 0  # 0: only at the end
@@ -66,9 +66,9 @@ class AlignConfig:
     # which is the same tensor); True trains it too.
     train_lm_head: bool = False
     gradient_checkpointing: bool = False
-    # bf16-mixed: fp32 master weights, bf16 autocast (the default); bf16: weights, gradients
-    # and optimizer state in bf16 (small updates may round away); fp32: no autocast.
-    precision: str = "bf16-mixed"
+    # auto (as for TrainConfig) | bf16-mixed: fp32 master weights, bf16 autocast | fp16-mixed |
+    # bf16: weights, gradients and optimizer state in bf16 (small updates may round away) | fp32.
+    precision: str = "auto"
     seed: int = 0
     eval_split: float = 0.01  # fraction of the corpus's blocks held out (at least one) without eval data
     eval_every: int = 0  # 0: before and after only

@@ -133,7 +133,7 @@ class LoopConfig:
     micro_batch: int = 4
     grad_accum: int = 1
     seed: int = 0
-    autocast: bool = True  # bf16 autocast around the forward pass; the parameters keep their dtype
+    autocast_dtype: torch.dtype | None = None  # bf16/fp16 autocast around the forward pass (params keep their dtype)
     max_grad_norm: float | None = None  # clip the global gradient norm (after the all-reduce)
     eval_every: int = 0  # held-out loss every N steps (0: at the end only)
     eval_at_start: bool = False  # also before the first step (kept across a resume)
@@ -288,7 +288,10 @@ def run_loop(
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def held_out_loss() -> float:
-        return evaluate(model, held_out, pad_id, cfg.micro_batch, cfg.autocast)["loss"]
+        return evaluate(model, held_out, pad_id, cfg.micro_batch, cfg.autocast_dtype)["loss"]
+
+    # fp16 autocast: scale the loss so small gradients do not underflow (bf16 has fp32's range).
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.autocast_dtype == torch.float16)
 
     if held_out and cfg.eval_at_start and step == 0:
         eval_losses.append((0, held_out_loss()))
@@ -308,14 +311,17 @@ def run_loop(
                 if cfg.fsdp:
                     model.set_requires_gradient_sync(last)
                 with ddp.no_sync() if world > 1 and not cfg.fsdp and not last else nullcontext():
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+                    with torch.autocast(device.type, dtype=cfg.autocast_dtype or torch.bfloat16,
+                                        enabled=cfg.autocast_dtype is not None):
                         loss = ddp(**batch).loss / len(micro)
-                    loss.backward()
+                    scaler.scale(loss).backward()
                 step_loss += loss.item()
                 step_tokens += int(batch["attention_mask"].sum())
+            scaler.unscale_(optimizer)  # no-op unless fp16
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)  # optimizer.step(), skipped by fp16's scaler on inf/nan gradients
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -344,7 +350,7 @@ def run_loop(
                     torch.distributed.barrier()
                 return LoopResult(step, tokens_seen, history, eval_losses, interrupted=True, model=model)
     seconds = time.perf_counter() - t0
-    final_eval = evaluate(model, held_out, pad_id, cfg.micro_batch, cfg.autocast) if held_out else None
+    final_eval = evaluate(model, held_out, pad_id, cfg.micro_batch, cfg.autocast_dtype) if held_out else None
     done = tokens_seen - start_tokens
     return LoopResult(
         steps=step,

@@ -10,8 +10,13 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, examples: list, pad_id: int, micro_batch: int = 8, autocast: bool = False) -> dict[str, Any]:
-    """Token-weighted loss over every labelled token, its perplexity and next-token accuracy."""
+def evaluate(
+    model: torch.nn.Module, examples: list, pad_id: int, micro_batch: int = 8, autocast_dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """Token-weighted loss over every labelled token, its perplexity and next-token accuracy.
+
+    ``autocast_dtype``: bf16/fp16 autocast around the forward (logits are upcast to fp32).
+    """
     from .data import collate
 
     was_training = model.training
@@ -21,7 +26,7 @@ def evaluate(model: torch.nn.Module, examples: list, pad_id: int, micro_batch: i
     for start in range(0, len(examples), micro_batch):
         batch = collate(examples[start : start + micro_batch], pad_id)
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             logits = model(input_ids=ids, attention_mask=mask).logits
         logits, target = logits[:, :-1].float(), labels[:, 1:]  # position t predicts token t+1
         keep = target != -100

@@ -8,7 +8,6 @@ here is what makes it LoRA: PEFT on the pruned model, and an adapter bound to it
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +17,18 @@ from ..bundle import Bundle
 from ..bundle.fsutil import staged_dir, write_json
 from ..bundle.manifest import ADAPTER_RECORD_NAME as ADAPTER_RECORD
 from ..errors import LoramError
-from .config import PRECISIONS, TrainConfig
+from .config import TrainConfig
 from .data import data_digest, load_examples, load_examples_with_stats
-from .loop import BatchPlan, LoopConfig, peak_memory_bytes, pick_device, run_loop, output_paths
-from .loop import dist_init as _dist
+from .loop import BatchPlan, peak_memory_bytes, run_loop
+from .setup import enable_activation_checkpointing, load_tokenizer, start_run
 
 __all__ = ["BatchPlan", "adapter_record", "peak_memory_bytes", "train"]
 
 
-def _check(config: TrainConfig, model_max_len: int | None) -> None:
-    if config.precision not in PRECISIONS:
-        raise LoramError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
-    if config.rank < 1 or config.micro_batch < 1 or config.grad_accum < 1 or config.seq_len < 2:
-        raise LoramError("rank, micro-batch, grad-accum must be >= 1 and seq-len >= 2")
-    if model_max_len is not None and config.seq_len > model_max_len:
-        raise LoramError(
-            f"--seq-len {config.seq_len} is longer than the model takes (max_position_embeddings {model_max_len}); "
-            f"use --seq-len {model_max_len} or less"
-        )
+def _check(config: TrainConfig) -> None:
+    """What only LoRA training checks; the options every run shares are checked by ``start_run``."""
+    if config.rank < 1:
+        raise LoramError("--rank must be at least 1")
     if not 0 <= config.eval_split < 1:
         raise LoramError("--eval-split must be in [0, 1)")
 
@@ -67,21 +60,18 @@ def train(
         adapter's ``loram_adapter.json``.
     """
     import peft
-    from transformers import AutoTokenizer
 
     from ..model.loader import load_pruned_model
 
     config = config or TrainConfig()
-    rank, world = _dist()
-    out, ckpt_root = output_paths(out, overwrite=overwrite, resume=resume, command="train")
     b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
-    _check(config, b.config.get("max_position_embeddings"))
-    dev = pick_device(device, world)
+    _check(config)
+    run = start_run(out, command="train", precision=config.precision, device=device, overwrite=overwrite, resume=resume,
+                    seq_len=config.seq_len, micro_batch=config.micro_batch, grad_accum=config.grad_accum,
+                    model_max_len=b.config.get("max_position_embeddings"), log=log)  # fmt: skip
+    rank, world, dev = run.rank, run.world, run.device
 
-    try:
-        tok = AutoTokenizer.from_pretrained(b.path)
-    except (OSError, ValueError) as exc:
-        raise LoramError(f"{b.path}: the bundle has no usable tokenizer ({exc}); re-prune a base that ships one") from None
+    tok, pad_id = load_tokenizer(b.path)
     examples, stats = load_examples_with_stats(data, tok, config.seq_len, fmt=config.data_format)
     fmt = stats.fmt
     if rank == 0 and (stats.skipped_rows or stats.dropped_examples):
@@ -97,14 +87,12 @@ def train(
         examples, held_out = examples[:-n_eval], examples[-n_eval:]
     else:
         held_out = []
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
-    autocast = config.precision == "bf16-mixed"
-    dtype = torch.float32 if config.precision == "fp32" else torch.bfloat16
-    model = load_pruned_model(b, dtype=dtype, device=dev)
+    # The frozen base (and the 4-bit layers) compute in the run's precision; LoRA weights stay fp32.
+    compute = run.precision.compute_dtype
+    model = load_pruned_model(b, dtype=compute, compute_dtype=compute, device=dev)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_activation_checkpointing(model, input_grads=True)
     targets = list(config.target_modules) + (["lm_head"] if config.lm_head else [])
     lora = peft.LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
@@ -118,17 +106,12 @@ def train(
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     global_batch = config.micro_batch * config.grad_accum * world
     total = config.max_steps or max(1, math.ceil(config.epochs * len(examples) / global_batch))
-    loop = LoopConfig(
-        total_steps=total, lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
-        micro_batch=config.micro_batch, grad_accum=config.grad_accum, seed=config.seed, autocast=autocast,
-        eval_every=config.eval_every, save_every=config.save_every,
-    )  # fmt: skip
-    identity = {"bundle_id": b.bundle_id, "data_sha256": data_digest(data), "config": config.to_json(), "world": world}
-    r = run_loop(model, trainable, examples, held_out, pad_id, loop, device=dev, rank=rank, world=world,
-                 ckpt_root=ckpt_root, identity=identity, resume=resume, stop_after=stop_after,
+    identity = run.identity(config.to_json(), bundle_id=b.bundle_id, data_sha256=data_digest(data))
+    r = run_loop(model, trainable, examples, held_out, pad_id, run.loop_config(total, config), device=dev, rank=rank,
+                 world=world, ckpt_root=run.ckpt_root, identity=identity, resume=resume, stop_after=stop_after,
                  show_progress=show_progress, log=log)  # fmt: skip
     if r.interrupted:
-        return {"steps": r.steps, "interrupted": True, "checkpoint_dir": str(ckpt_root)}
+        return {"steps": r.steps, "interrupted": True, "checkpoint_dir": str(run.ckpt_root)}
     summary = {
         "steps": r.steps,
         "examples": len(examples),
@@ -144,13 +127,14 @@ def train(
         "eval_history": r.eval_history,
         "world_size": world,
         "device": str(dev),
+        "precision": run.precision.name,
+        "precision_reason": run.precision.reason,
     }
     if rank == 0:
-        with staged_dir(out, overwrite) as tmp:
+        with staged_dir(run.out, overwrite) as tmp:
             model.save_pretrained(tmp)
             write_json(tmp / ADAPTER_RECORD, adapter_record(b, config, summary, bundle_ref))
-        if not config.keep_checkpoints:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
+    run.finish(config.keep_checkpoints)
     if world > 1:
         torch.distributed.barrier()
     return summary

@@ -35,6 +35,22 @@ def _resolve_dtype(dtype: str | torch.dtype | None, bundle: Bundle) -> torch.dty
         raise BundleError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}") from None
 
 
+def _compute_dtype(requested: str | torch.dtype | None, recorded: str, device: str | torch.device) -> torch.dtype:
+    """The 4-bit layers' compute dtype: as requested, or the recorded one where it is native."""
+    if requested not in (None, "auto"):
+        return requested if isinstance(requested, torch.dtype) else _resolve_dtype(requested, None)
+    want = _DTYPE_NAMES.get(recorded, torch.float32)
+    dev = torch.device(device)
+    if want == torch.float32 or (want == torch.float16 and dev.type == "cuda"):
+        return want
+    if want == torch.bfloat16:
+        from ..precision import resolve_precision
+
+        if resolve_precision("auto", dev).name == "bf16-mixed":
+            return want
+    return torch.float32
+
+
 def _shrink_layer(model: nn.Module, bundle: Bundle, dims: LayerDims, shapes: dict[str, tuple[int, ...]]) -> None:
     """Replace the Linear modules of one pruned layer with ones of the bundle's shapes (on meta)."""
     family = bundle.arch.family
@@ -58,6 +74,7 @@ def load_pruned_model(
     device: str | torch.device = "cpu",
     verify: bool = True,
     attn_implementation: str | None = None,
+    compute_dtype: str | torch.dtype | None = "auto",
 ) -> nn.Module:
     """Load a bundle's pruned model as the family's ``*ForCausalLM``.
 
@@ -67,12 +84,15 @@ def load_pruned_model(
 
     A 4-bit bundle (format 1.1, ``quantization``) loads its quantized Linears as
     ``bitsandbytes.nn.Linear4bit`` straight from the stored 4-bit state (never a
-    full-precision weight), computing in the manifest's ``compute_dtype``; the model is
-    marked ``is_loaded_in_4bit`` so PEFT gives it bnb LoRA layers.
+    full-precision weight); the model is marked ``is_loaded_in_4bit`` so PEFT gives it bnb
+    LoRA layers.
 
     Args:
         dtype: ``"auto"`` (the bundle's), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype;
             for a 4-bit bundle, the dtype of the tensors not stored in 4 bits.
+        compute_dtype: what a 4-bit bundle's layers compute in. ``"auto"``: the manifest's
+            ``compute_dtype`` where ``device`` computes it natively, else float32 (bf16 is
+            emulated, 15-20x slower, on CPUs without AVX512-BF16/AMX); or a dtype.
         verify: check the weight files against the manifest's sha256 first.
 
     Example:
@@ -105,7 +125,8 @@ def load_pruned_model(
         if quantization is not None:  # 4-bit Linears first, straight from their stored state
             from ..quant.load import load_4bit_linears
 
-            done = load_4bit_linears(model, b, ckpt, shapes, device, torch_dtype)
+            compute = _compute_dtype(compute_dtype, quantization["compute_dtype"], device)
+            done = load_4bit_linears(model, b, ckpt, shapes, device, torch_dtype, compute)
         expected = dict(model.named_parameters())
         for name in ckpt.names():
             if name in done:
@@ -144,14 +165,20 @@ def load_pruned_model(
     return model
 
 
-def load_model(path: str | Path, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu") -> nn.Module:
-    """A bundle's pruned model, or an ordinary transformers model directory (safetensors only)."""
+def load_model(
+    path: str | Path, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
+    compute_dtype: str | torch.dtype | None = "auto",
+) -> nn.Module:  # fmt: skip
+    """A bundle's pruned model, or an ordinary transformers model directory (safetensors only).
+
+    ``compute_dtype`` applies to a 4-bit bundle's layers (see :func:`load_pruned_model`).
+    """
     from ..bundle.manifest import MANIFEST_NAME
     from ..errors import BaseModelError
 
     path = Path(path)
     if (path / MANIFEST_NAME).is_file():
-        return load_pruned_model(path, dtype=dtype, device=device)
+        return load_pruned_model(path, dtype=dtype, device=device, compute_dtype=compute_dtype)
     if not (path / "config.json").is_file():
         raise BaseModelError(f"{path}: neither a LoRAM bundle nor a model directory with config.json")
     import transformers

@@ -326,7 +326,6 @@ def _pickle_base(base: Path, tmp_path: Path) -> Path:
 
 PRUNE_REFUSALS = {
     # id: (extra args, builder of the base dir or None, needles in the message)
-    "importance-bogus": (["--ratio", "0.5", "--importance", "bogus"], None, ["bogus", "random", "magnitude", "taylor"]),
     "ratio-1.0": (["--ratio", "1.0"], None, ["ratio", "1.0"]),
     "ratio-negative": (["--ratio", "-0.1"], None, ["ratio", "-0.1"]),
     "keep-too-many": (["--ratio", "0.5", "--keep-first", "5", "--keep-last", "4"], None, ["5", "4", "8 layers"]),
@@ -351,6 +350,13 @@ def test_prune_refusals(capsys, base, tmp_path, case):
     assert_one_line_error(rc, err, *needles)
     assert_nothing_written(out_parent, "bundle")
     assert out == ""
+
+
+def test_prune_unknown_importance_is_a_usage_error(capsys, base, tmp_path):
+    rc, out, err = run_cli(capsys, "prune", base, "--out", tmp_path / "bundle", "--ratio", "0.5", "--importance", "bogus")
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert all(w in err for w in ("bogus", "random", "magnitude", "taylor", "activation")), err
+    assert_nothing_written(tmp_path, "bundle")
 
 
 def test_prune_nonexistent_base_names_the_path(capsys, tmp_path):

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import loramkit.prune.pruner as pruner_mod
 from loramkit.errors import LoramError, OutputExistsError
@@ -423,86 +424,67 @@ def _calibration(tmp_path: Path, n: int, suffix: str = ".txt") -> tuple[Path, li
     return p, texts
 
 
-def independent_taylor(base_dir: Path, case: str, layers: list[int], texts: list[str], seq_len: int, micro: int = 4):
-    """sum over micro-batches of |w * dL/dw|, summed over each coupled group (plain transformers)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def packed_blocks(base_dir: Path, texts: list[str], samples: int, seq_len: int) -> torch.Tensor:
+    """The calibration blocks the spec records: passages tokenized (special tokens on), concatenated, cut."""
     tok = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    stream = [t for text in texts for t in tok(text)["input_ids"]]
+    n = min(samples, len(stream) // seq_len)
+    return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+
+
+def independent_taylor(base_dir: Path, case: str, layers: list[int], ids: torch.Tensor):
+    """sum over each coupled group of |w * dL/dw|, L the mean token loss of ONE float64 forward over all blocks."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64)
     model.eval()
     s = expected_shapes(case)
     hd, G, Hkv, I = s["head_dim"], s["group_size"], s["num_key_value_heads"], s["intermediate_size"]
-    ids = [tok(t, truncation=True, max_length=seq_len)["input_ids"] for t in texts]
-    ids = [x for x in ids if len(x) >= 2]
     params = dict(model.named_parameters())
+    model(input_ids=ids, labels=ids).loss.backward()
     kv = {i: torch.zeros(Hkv, dtype=torch.float64) for i in layers}
     ch = {i: torch.zeros(I, dtype=torch.float64) for i in layers}
-    n_tokens = 0
-    for start in range(0, len(ids), micro):
-        batch = ids[start : start + micro]
-        width = max(map(len, batch))
-        x = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        y = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, row in enumerate(batch):
-            x[r, : len(row)] = torch.tensor(row)
-            y[r, : len(row)] = torch.tensor(row)
-            mask[r, : len(row)] = 1
-        n_tokens += int(mask.sum())
-        model.zero_grad(set_to_none=True)
-        model(input_ids=x, attention_mask=mask, labels=y).loss.backward()
-        for i in layers:
-            p = layer_prefix(i)
-            sc = lambda n: (params[p + n].detach().double() * params[p + n].grad.double()).abs()  # noqa: E731
-            for g in range(Hkv):
-                q = slice(g * G * hd, (g + 1) * G * hd)
-                k = slice(g * hd, (g + 1) * hd)
-                kv[i][g] += (
-                    sc("self_attn.q_proj.weight")[q].sum()
-                    + sc("self_attn.k_proj.weight")[k].sum()
-                    + sc("self_attn.v_proj.weight")[k].sum()
-                    + sc("self_attn.o_proj.weight")[:, q].sum()
-                )
-                for r, rows in (("q_proj", q), ("k_proj", k), ("v_proj", k)):
-                    if p + f"self_attn.{r}.bias" in params:
-                        kv[i][g] += sc(f"self_attn.{r}.bias")[rows].sum()
-            ch[i] += sc("mlp.gate_proj.weight").sum(1) + sc("mlp.up_proj.weight").sum(1) + sc("mlp.down_proj.weight").sum(0)
-    return kv, ch, len(ids), n_tokens
+    for i in layers:
+        p = layer_prefix(i)
+        sc = lambda n: (params[p + n].detach() * params[p + n].grad).abs()  # noqa: E731
+        for g in range(Hkv):
+            q = slice(g * G * hd, (g + 1) * G * hd)
+            k = slice(g * hd, (g + 1) * hd)
+            kv[i][g] += (
+                sc("self_attn.q_proj.weight")[q].sum()
+                + sc("self_attn.k_proj.weight")[k].sum()
+                + sc("self_attn.v_proj.weight")[k].sum()
+                + sc("self_attn.o_proj.weight")[:, q].sum()
+            )
+            for r, rows in (("q_proj", q), ("k_proj", k), ("v_proj", k)):
+                if p + f"self_attn.{r}.bias" in params:
+                    kv[i][g] += sc(f"self_attn.{r}.bias")[rows].sum()
+        ch[i] += sc("mlp.gate_proj.weight").sum(1) + sc("mlp.up_proj.weight").sum(1) + sc("mlp.down_proj.weight").sum(0)
+    return kv, ch
 
 
 @pytest.mark.parametrize("case", ["qwen2", "llama_mha", "qwen3"])
 def test_taylor_matches_independent_gradients(make_base_dir, tmp_path, case):
     base = make_base_dir(case)
     calib, texts = _calibration(tmp_path, 9)
-    n_samples, seq_len = 6, 16  # two micro-batches (4 + 2), some texts truncated
+    n_samples, seq_len = 6, 16  # 6 full blocks of the packed text: two micro-batches (4 + 2)
     m = prune(
         base, tmp_path / "out", 0.5, importance="taylor", calibration=calib,
         calibration_samples=n_samples, calibration_seq_len=seq_len, show_progress=False,
     )
     check_bundle(tmp_path / "out", base, case)
     layers = m["pruning"]["pruned_layers"]
-    kv, ch, used, n_tokens = independent_taylor(base, case, layers, texts[:n_samples], seq_len)
+    ids = packed_blocks(base, texts, n_samples, seq_len)
+    kv, ch = independent_taylor(base, case, layers, ids)
     cal = m["pruning"]["calibration"]
     assert m["pruning"]["importance"] == "taylor"
     assert cal["sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest()
     assert cal["source"] == "calib.txt"
-    assert cal["num_samples"] == used == n_samples
-    assert cal["num_tokens"] == n_tokens
+    assert cal["num_samples"] == n_samples and cal["seq_len"] == seq_len
+    assert cal["num_tokens"] == ids.numel() == n_samples * seq_len
     maps = load_file(str(tmp_path / "out" / "kept_indices.safetensors"))
     for i in layers:
         K, C = kept_sets(maps, case, i)
         assert_topk(kv[i], K, f"taylor layer {i} kv")
         assert_topk(ch[i], C, f"taylor layer {i} channels")
-    # the package's own scores agree numerically with the independent ones
-    from loramkit.families import ArchSpec
-    from loramkit.prune.taylor import taylor_scores
-
-    arch = ArchSpec.from_config(json.loads((base / "config.json").read_text()))
-    got, record = taylor_scores(base, arch, layers, texts, num_samples=n_samples, seq_len=seq_len)
-    assert record["num_samples"] == n_samples and record["num_tokens"] == n_tokens
-    for i in layers:
-        torch.testing.assert_close(got[i][0], kv[i], rtol=1e-4, atol=1e-9)
-        torch.testing.assert_close(got[i][1], ch[i], rtol=1e-4, atol=1e-9)
 
 
 def test_taylor_jsonl_equals_txt(make_base_dir, tmp_path):
@@ -514,7 +496,7 @@ def test_taylor_jsonl_equals_txt(make_base_dir, tmp_path):
     ma, mb = (load_file(str(tmp_path / x / "kept_indices.safetensors")) for x in "ab")
     assert set(ma) == set(mb) and all(torch.equal(ma[k], mb[k]) for k in ma)
     assert a["pruning"]["calibration"]["sha256"] != b["pruning"]["calibration"]["sha256"]
-    assert a["pruning"]["calibration"]["num_samples"] == b["pruning"]["calibration"]["num_samples"] == 5
+    assert a["pruning"]["calibration"]["num_tokens"] == b["pruning"]["calibration"]["num_tokens"]
 
 
 @pytest.mark.parametrize("ratio,keep", [(0.0, {}), (0.5, {"keep_first": 4, "keep_last": 4})], ids=["ratio0", "no-eligible-layer"])
@@ -525,7 +507,7 @@ def test_taylor_with_nothing_to_prune(make_base_dir, tmp_path, ratio, keep):
     check_bundle(tmp_path / "out", base, "llama_gqa")
     assert m["pruning"]["pruned_layers"] == []
     assert m["pruning"]["calibration"]["sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest()
-    assert m["pruning"]["calibration"]["num_samples"] == 4
+    assert m["pruning"]["calibration"]["num_samples"] == 1  # 4 short passages: less than one 512-token block
 
 
 def test_taylor_needs_calibration(make_base_dir, tmp_path):
@@ -738,6 +720,6 @@ def test_existing_output_refused_before_taylor_work(make_base_dir, tmp_path, mon
     def boom(*a, **kw):
         raise AssertionError("taylor scoring ran before the output check")
 
-    monkeypatch.setattr(pruner_mod, "taylor_scores", boom)
+    monkeypatch.setattr(pruner_mod, "calibrated_scores", boom)
     with pytest.raises(OutputExistsError):
         prune(make_base_dir("llama_gqa"), out, 0.5, importance="taylor", calibration=calib, show_progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,18 +12,31 @@ from ..errors import LoramError
 from ._common import Endpoint, Token, console
 
 
+class Importance(str, Enum):
+    """How units are ranked (spec 3.4); the one-line meanings are in the command's help."""
+
+    random = "random"
+    magnitude = "magnitude"
+    taylor = "taylor"
+    activation = "activation"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("prune")
     def prune_cmd(
         base: Annotated[str, typer.Argument(help="Base model: directory (config.json + safetensors) or Hub repo id.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")],
         ratio: Annotated[float, typer.Option(help="Fraction of heads/channels removed per pruned layer, in [0, 1).")],
-        importance: Annotated[str, typer.Option(help="random (LoRAM-Rand) | magnitude | taylor (LoRAM-Stru).")] = "magnitude",
-        calibration: Annotated[Optional[Path], typer.Option(help="Calibration texts for taylor (.txt or .jsonl).")] = None,
+        importance: Annotated[Importance, typer.Option(help="How units are ranked (see above).")] = Importance.magnitude,
+        calibration: Annotated[Optional[Path], typer.Option(help="Calibration texts for taylor and activation (.txt passages or .jsonl 'text').")] = None,
+        calibration_samples: Annotated[int, typer.Option(help="Calibration blocks used, fewer when the file holds less.")] = 128,
+        seq_len: Annotated[Optional[int], typer.Option(help="Tokens per calibration block; the text is packed [default: 512, or the model's max positions when fewer].")] = None,
         keep_first: Annotated[Optional[int], typer.Option(help="Layers left intact at the start [default: 4, fewer when shallow].")] = None,
         keep_last: Annotated[Optional[int], typer.Option(help="Layers left intact at the end [default: 2, fewer when shallow].")] = None,
         seed: Annotated[int, typer.Option(min=0, help="Seed for random importance.")] = 0,
-        device: Annotated[str, typer.Option(help="Device for taylor gradients.")] = "cpu",
+        device: Annotated[str, typer.Option(help="Device of the calibration engine (cpu, cuda, cuda:1 ...): one decoder layer at a time.")] = "cpu",
+        offload_dir: Annotated[Optional[Path], typer.Option(help="Where layer-boundary activations beyond --activation-budget spill (a temporary folder, removed) [default: system temp dir].")] = None,
+        activation_budget: Annotated[str, typer.Option(help="Layer-boundary activations kept in memory before spilling to disk.")] = "4GiB",
         max_shard_size: Annotated[str, typer.Option(help="Shard the pruned weights above this size.")] = "2GiB",
         base_name: Annotated[Optional[str], typer.Option(help="Base identity to record (e.g. its Hub repo id) [default: its path].")] = None,
         base_revision: Annotated[Optional[str], typer.Option(help="Base commit to record, when known.")] = None,
@@ -31,23 +45,35 @@ def register(app: typer.Typer) -> None:
         endpoint: Endpoint = None,
         token: Token = None,
     ) -> None:
-        """Prune a base model into a LoRAM bundle (streaming; memory near one tensor)."""
+        """Prune a base model into a LoRAM bundle (streaming; memory near one tensor).
+
+        \b
+        Importance (--importance):
+          random      seeded random units (LoRAM-Rand)
+          magnitude   L2 norm of each unit's weights (no calibration)
+          taylor      sum of |w * dL/dw| over each unit's weights, L the calibration loss (LoRAM-Stru, LLM-Pruner)
+          activation  mean magnitude of each head's and channel's output on calibration text (Minitron; no gradients)
+        """
         from ..bundle.checkpoint import parse_size
         from ..prune.pruner import prune
         from ..pipeline import prune_quantized
 
-        try:
-            parse_size(max_shard_size)
-        except ValueError:
-            raise LoramError(f"--max-shard-size {max_shard_size!r} is not a size; use e.g. 2GiB, 500MB or a byte count") from None
+        sizes = {}
+        for flag, text in (("--max-shard-size", max_shard_size), ("--activation-budget", activation_budget)):
+            try:
+                sizes[flag] = parse_size(text)
+            except ValueError:
+                raise LoramError(f"{flag} {text!r} is not a size; use e.g. 2GiB, 500MB or a byte count") from None
         from ..hub.resolve import identity, model_dir
 
         base_path = model_dir(base, endpoint=endpoint, token=token)
         repo, commit = identity(base_path, base)  # a Hub base is recorded by repo id and commit
         base_name, base_revision = base_name or repo, base_revision or commit
         kw = dict(
-            importance=importance, calibration=calibration, keep_first=keep_first, keep_last=keep_last,
+            importance=importance.value, calibration=calibration, keep_first=keep_first, keep_last=keep_last,
             seed=seed, device=device, max_shard_size=max_shard_size, base_name=base_name,
+            calibration_samples=calibration_samples, calibration_seq_len=seq_len, offload_dir=offload_dir,
+            activation_budget=sizes["--activation-budget"],
             base_revision=base_revision, overwrite=overwrite,
         )  # fmt: skip
         if quantize is None:

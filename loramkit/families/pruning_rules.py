@@ -19,7 +19,7 @@ DEFAULT_KEEP_FIRST = 4
 DEFAULT_KEEP_LAST = 2
 ROUNDING_RULES = ("paper",)
 # Values of pruning.importance this loramkit writes; others are provenance it cannot re-check.
-IMPORTANCE_KINDS = ("random", "magnitude", "taylor")
+IMPORTANCE_KINDS = ("random", "magnitude", "taylor", "activation")
 
 
 def exact_ratio(ratio: float | str) -> Fraction:

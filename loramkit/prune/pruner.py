@@ -3,8 +3,9 @@
 Peak memory for ``random`` and ``magnitude`` is about one pruned projection of the base
 (plus its slice): each pruned layer is read twice, once to score its units and once to
 slice, and the second read comes from the page cache. Tensors that are not sliced
-(embeddings, norms, unpruned layers) are copied in 64 MiB chunks. ``taylor`` first loads the model to get
-gradients (see :mod:`loramkit.prune.taylor`), frees it, then streams the same way.
+(embeddings, norms, unpruned layers) are copied in 64 MiB chunks. ``taylor`` and ``activation`` first
+run the calibration text through the base one decoder layer at a time (see
+:mod:`loramkit.prune.calibration`), then stream the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +30,17 @@ from ..memory import return_large_blocks_to_os
 from ..families.geometry import LayerDims, layer_index_maps, pruned_shape, slice_tensor
 from ..families.pruning_rules import IMPORTANCE_KINDS, plan_layers
 from .importance import group_scores, random_units, top_units
-from .taylor import read_calibration, taylor_scores
+from .calibration import (
+    CALIBRATED,
+    DEFAULT_BUDGET,
+    DEFAULT_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    DEFINITIONS,
+    EngineSettings,
+    calibrated_scores,
+    check_offload_dir,
+    load_calibration,
+)
 
 
 def _check_tensors(ckpt: Checkpoint, arch: ArchSpec) -> None:
@@ -61,9 +72,11 @@ def prune(
     keep_last: int | None = None,
     seed: int = 0,
     calibration: str | Path | None = None,
-    calibration_samples: int = 32,
-    calibration_seq_len: int = 256,
+    calibration_samples: int = DEFAULT_SAMPLES,
+    calibration_seq_len: int | None = None,
     device: str = "cpu",
+    offload_dir: str | Path | None = None,
+    activation_budget: int = DEFAULT_BUDGET,
     max_shard_size: str | int = "2GiB",
     base_name: str | None = None,
     base_revision: str | None = None,
@@ -74,10 +87,15 @@ def prune(
 
     Args:
         ratio: fraction of units removed from each pruned layer, in [0, 1).
-        importance: ``random`` (LoRAM-Rand), ``magnitude`` or ``taylor`` (LoRAM-Stru).
+        importance: ``random`` (LoRAM-Rand), ``magnitude``, ``taylor`` (LoRAM-Stru) or
+            ``activation`` (Minitron); the last two run ``calibration`` through the base.
         keep_first, keep_last: layers left intact at each end (default 4 and 2, fewer
             for shallow models; see :func:`~loramkit.families.pruning_rules.layers_kept_intact`).
-        calibration: text file for ``taylor`` (.txt passages or .jsonl with 'text').
+        calibration: text file for ``taylor``/``activation`` (.txt passages or .jsonl with 'text'),
+            packed into ``calibration_samples`` blocks of ``calibration_seq_len`` tokens
+            (default 512, or the model's max positions when fewer).
+        device, offload_dir, activation_budget: where the calibration engine computes, and
+            where boundary activations beyond ``activation_budget`` bytes spill.
         base_name, base_revision: the base's identity recorded in the manifest (default:
             the directory's absolute path, no revision).
 
@@ -90,8 +108,8 @@ def prune(
         raise LoramError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCE_KINDS)}")
     if seed < 0:
         raise LoramError(f"seed must be a non-negative integer, got {seed}")
-    if importance == "taylor" and calibration is None:
-        raise LoramError("taylor importance needs --calibration FILE (texts to take gradients on)")
+    if importance in CALIBRATED and calibration is None:
+        raise LoramError(f"{importance} importance needs --calibration FILE (texts to run through the base)")
     if Path(out_dir).exists() and not overwrite:  # before any (taylor: long) work; staged_dir checks again
         raise OutputExistsError(f"{out_dir} already exists; choose another output or pass --overwrite")
     ckpt = Checkpoint(base_dir)
@@ -103,12 +121,15 @@ def prune(
 
         calib_record = None
         taylor: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if importance == "taylor":
-            texts, digest = read_calibration(Path(calibration))
-            taylor, used = taylor_scores(
-                base_dir, arch, pruned_idx, texts, num_samples=calibration_samples, seq_len=calibration_seq_len, device=device
-            )
-            calib_record = {"sha256": digest, "source": Path(calibration).name, **used}
+        if importance in CALIBRATED:
+            offload = None if offload_dir is None else Path(offload_dir)
+            check_offload_dir(offload)
+            max_pos = ckpt.config.get("max_position_embeddings")
+            seq_len = calibration_seq_len or min(DEFAULT_SEQ_LEN, max_pos or DEFAULT_SEQ_LEN)
+            calib = load_calibration(Path(calibration), base_dir, max_pos, calibration_samples, seq_len)
+            settings = EngineSettings(device=device, budget=activation_budget, offload_dir=offload, show_progress=show_progress)
+            taylor = calibrated_scores(base_dir, arch, pruned_idx, calib, importance, settings)
+            calib_record = calib.record()
 
         with staged_dir(out_dir, overwrite) as tmp:
             manifest = _stream(ckpt, arch, layers, importance, seed, taylor, tmp, parse_size(max_shard_size), show_progress)
@@ -130,6 +151,7 @@ def prune(
                     "pruned_layers": pruned_idx,
                     "seed": seed,
                     "calibration": calib_record,
+                    **({"importance_definition": DEFINITIONS[importance]} if importance in CALIBRATED else {}),
                 },
             )
             (tmp / card.CARD_NAME).write_text(card.render(manifest), encoding="utf-8")
@@ -148,7 +170,7 @@ def _kept_units(
             random_units(arch.num_key_value_heads, k_kv, seed, i, 0),
             random_units(arch.intermediate_size, k_ch, seed, i, 1),
         )
-    if importance == "taylor":
+    if importance in CALIBRATED:
         kv, ch = taylor[i]
     else:  # magnitude: L2 norm over the group's weights, one tensor in memory at a time
         names = set(ckpt.names())

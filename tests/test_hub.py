@@ -7,11 +7,13 @@ telemetry off, offline on/off, and the cache directory).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
 
 from loramkit.cli import run
 from loramkit.prune.pruner import prune
@@ -65,11 +67,11 @@ def test_publish_train_recover_from_the_repo_id(hub, cache, bundle, local_bundle
     assert {"loram.json", "model.safetensors", "kept_indices.safetensors", "README.md", "config.json"} <= set(files)
     assert files["model.safetensors"]["lfs"]  # weights go through LFS
     assert hub.head(REPO, "loram-format-v1.1.0") == head  # tagged with the format version
-    card = (bundle / "README.md").read_text()
-    front = card.split("---")[1]
-    for line in ('base_model: "meta-llama/Llama-3.1-8B"', "library_name: loramkit", "- loram", "base_model_relation:"):
-        assert line in front
-    assert f"loramkit train {REPO}" in card
+    card = ModelCard.load(bundle / "README.md")  # read as the Hub reads it
+    assert (card.data.base_model, card.data.library_name) == ("meta-llama/Llama-3.1-8B", "loramkit")
+    assert card.data.base_model_relation == "finetune" and "loram" in card.data.tags
+    assert f"loramkit train {REPO}" in card.text
+    assert files["README.md"]["sha256"] == hashlib.sha256((bundle / "README.md").read_bytes()).hexdigest()  # uploaded
     assert run(["validate", str(bundle)]) == 0  # the refreshed card keeps the bundle sound
 
     data = tmp_path / "train.txt"
@@ -162,3 +164,27 @@ def test_hf_endpoint_is_honoured_and_prune_takes_a_hub_base(hub, cache, local_bu
     manifest = json.loads((out / "loram.json").read_text())
     assert manifest["base"]["name_or_path"] == "tester/base"
     assert manifest["base"]["revision"] == hub.head("tester/base")
+
+
+def test_republishing_a_changed_bundle_sends_only_what_changed(hub, cache, bundle, local_bundle, tmp_path, capsys):
+    """The library decides what to send: unchanged files are neither uploaded nor committed; stale ones go."""
+    from huggingface_hub import HfApi
+
+    from loramkit.bundle.hashing import sha256_file
+    from loramkit.hub.publish import publish
+
+    first = publish(bundle, REPO, endpoint=hub.url, token=hub.token, log=lambda m: None)
+    assert first["commit_url"] and "model.safetensors" in first["changed"]
+    HfApi(endpoint=hub.url, token=hub.token).upload_file(path_or_fileobj=b"old notes", path_in_repo="notes.txt", repo_id=REPO)
+    other = tmp_path / "other"  # the same base pruned with other units kept: new weights and maps, same config
+    prune(local_bundle[0], other, 0.5, importance="random", base_name="meta-llama/Llama-3.1-8B", show_progress=False)
+    files = ["loram.json", *json.loads((other / "loram.json").read_text())["files"]]
+    differ = sorted(f for f in files if not (bundle / f).is_file() or sha256_file(bundle / f) != sha256_file(other / f))
+    assert "config.json" not in differ and "model.safetensors" in differ
+    hub.requests.clear()
+    second = publish(other, REPO, endpoint=hub.url, token=hub.token, log=lambda m: None)
+    assert second["changed"] == differ and second["deleted"] == ["notes.txt"]
+    uploads = [p for m, p in hub.requests if m == "PUT"]
+    assert len(uploads) == sum(1 for f in differ if hub.commit(REPO)["files"][f]["lfs"])  # unchanged LFS files: not sent
+    assert "notes.txt" not in hub.commit(REPO)["files"]
+    assert hub.head(REPO, "loram-format-v1.1.0") == second["commit"] == hub.head(REPO)

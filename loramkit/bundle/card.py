@@ -1,17 +1,51 @@
-"""The bundle's model card (README.md): Hub metadata, what the bundle is, how it was made, how to use it."""
+"""Model cards (README.md): the bundle's (Hub metadata, what it is, how it was made, how to use it),
+and the metadata of any card, through huggingface_hub's ``ModelCard`` / ``ModelCardData`` so the
+YAML front matter is what the Hub itself reads and writes.
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from .manifest import CARD_NAME
 
-__all__ = ["CARD_NAME", "render"]
+__all__ = ["CARD_NAME", "compose", "render", "tags_of"]
 
 
-def _yaml_str(s: str) -> str:
-    return json.dumps(s)  # a JSON string is a valid YAML scalar
+def compose(metadata: dict[str, Any], body: str) -> str:
+    """A card from Hub metadata (``ModelCardData`` fields: base_model, tags, license ...) and a Markdown body."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    front = ModelCardData(**metadata).to_yaml()  # None values are left out
+    return str(ModelCard(f"---\n{front}\n---\n\n{body.lstrip(chr(10))}"))
+
+
+def tags_of(path: str | Path) -> list[str]:
+    """The tags in the metadata of the card at ``path``; [] without a card or metadata.
+
+    Raises:
+        ValueError: the metadata block is not valid YAML.
+    """
+    import yaml
+    from huggingface_hub import ModelCard
+
+    path = Path(path)
+    if not path.is_file():  # ModelCard.load would take a missing path for a Hub repo id
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return []
+    try:
+        tags = ModelCard(text).data.tags
+    except yaml.YAMLError as exc:
+        raise ValueError(f"its metadata is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return [str(t) for t in tags or []]
+
+
+def _py_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid Python string literal
 
 
 def _size(n: int) -> str:
@@ -26,10 +60,8 @@ def render(manifest: dict[str, Any], repo_id: str | None = None) -> str:
     # The Hub's relations are adapter | merge | quantized | finetune; pruning derives new
     # weights from the base, the nearest of these is finetune.
     relation = "quantized" if q else "finetune"
-    front = ["---", f"base_model: {_yaml_str(base)}", f"base_model_relation: {relation}", "library_name: loramkit"]
-    if manifest["base"].get("license"):
-        front.append(f"license: {_yaml_str(manifest['base']['license'])}")
-    front += ["tags:", *(f"- {t}" for t in tags), "---"]
+    metadata = {"base_model": base, "base_model_relation": relation, "library_name": "loramkit",
+                "license": manifest["base"].get("license") or None, "tags": tags}  # fmt: skip
     files = manifest.get("files", {})
     weight_bytes = sum(files.get(f, {}).get("size", 0) for f in manifest["weights"]["files"])
     pruned_layers = pr["pruned_layers"]
@@ -55,8 +87,7 @@ def render(manifest: dict[str, Any], repo_id: str | None = None) -> str:
         )
     ratio = params["original"] / params["pruned"]
     storage = f"{ratio * 4:.2f}x (parameters / (pruned / 4))" if q else f"{ratio:.2f}x"
-    return "\n".join(front) + f"""
-
+    return compose(metadata, f"""
 # LoRAM bundle of `{base}`
 
 A structurally pruned{' and 4-bit quantized' if q else ''} copy of `{base}` for **training LoRA adapters
@@ -87,9 +118,9 @@ loramkit recover adapter --out adapter-full --merge --base {base} --merged-out m
 ```python
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({_yaml_str(base)}), "adapter-full")
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({_py_str(base)}), "adapter-full")
 ```
 
 Bundle `{manifest.get('bundle_id') or '(id set on write)'}`, format {manifest['format_version']}
 (loramkit `specs/bundle-v1.md`); `loramkit validate {here}` checks every file against its sha256.
-"""
+""")

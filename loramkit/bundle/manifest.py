@@ -43,9 +43,12 @@ def bundle_id(manifest: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical_json(body)).hexdigest()
 
 
+BUNDLE_TAG_PREFIX = "loram-bundle-"
+
+
 def bundle_tag(bundle_id: str) -> str:
     """The model tag that binds adapters to a bundle: PEFT copies base-model tags into the adapter card."""
-    return "loram-bundle-" + bundle_id.removeprefix("sha256:")[:16]
+    return BUNDLE_TAG_PREFIX + bundle_id.removeprefix("sha256:")[:16]
 
 
 def now_utc() -> str:

@@ -6,7 +6,6 @@ code 1; usage errors exit 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
@@ -18,6 +17,7 @@ try:  # recent typer vendors click (typer._click) and raises those exceptions, n
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as _cx
 
+from .. import progress
 from ..errors import LoramError
 from . import align, demo, evaluate, inspect, plan, prune, publish, quantize, recover, train, validate
 
@@ -34,8 +34,8 @@ for module in (plan, prune, quantize, inspect, validate, align, train, evaluate,
 
 
 def _quiet_libraries() -> None:
-    """Our own progress bars only; library deprecation chatter is not the user's business."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' per-load bars
+    """Library deprecation chatter is not the user's business; download and upload bars are."""
+    progress.configure_library_bars()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 

@@ -1,8 +1,13 @@
-"""``loramkit publish``: a validated bundle to a Hub repo, in one commit, tagged with its format version."""
+"""``loramkit publish``: a validated bundle to a Hub repo, in one commit, tagged with its format version.
+
+What to upload is huggingface_hub's call: every bundle file goes to ``create_commit``, which
+asks the Hub which ones it already holds (same sha256 / git blob id) and leaves those out;
+with nothing left it makes no commit. One commit, not ``upload_folder``: with Xet that one
+may split a large folder into several commits, and a bundle must change all at once.
+"""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,16 +17,7 @@ from ..bundle.fsutil import write_json
 from ..bundle.hashing import sha256_file
 from ..bundle.manifest import MANIFEST_NAME, bundle_id
 from ..errors import BundleError, LoramError
-from .resolve import _configure, endpoint_of, transport_errors
-
-
-def git_blob_oid(path: Path) -> str:
-    """The git object id of a file: what the Hub reports for files stored in git, not LFS."""
-    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+from .resolve import configure_endpoint, endpoint_of, transport_errors
 
 
 def refresh_card(path: Path, repo_id: str | None) -> bool:
@@ -68,31 +64,26 @@ def publish(
     b = Bundle(path)
     local = [MANIFEST_NAME, *b.manifest["files"]]
     ep = endpoint_of(endpoint)
-    _configure(ep)
+    configure_endpoint(ep)
     api = HfApi(endpoint=ep, token=token)
+    tag = f"loram-format-v{b.manifest['format_version']}"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
-        remote = {s.rfilename: s for s in info.siblings or []}
-        changed = [rel for rel in local if not _same(path / rel, remote.get(rel))]
-        stale = [r for r in remote if r not in local and r != ".gitattributes"]
-        if not changed and not stale:
-            log(f"{repo_id}@{revision} already holds this bundle ({b.bundle_id}); no commit made")
-            return {"commit": info.sha, "commit_url": None, "changed": [], "repo_id": repo_id}
-        ops: list[Any] = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path / rel)) for rel in changed]
+        before = api.repo_info(repo_id, revision=revision).sha
+        remote = _blob_ids(api, repo_id, before)
+        ops: list[Any] = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path / rel)) for rel in local]
+        stale = sorted(r for r in remote if r not in local and r != ".gitattributes")
         ops += [CommitOperationDelete(path_in_repo=rel) for rel in stale]
         commit = api.create_commit(
-            repo_id, ops, revision=revision,
+            repo_id, ops, revision=revision, parent_commit=before,  # refused if someone pushed meanwhile
             commit_message=f"LoRAM bundle {b.bundle_id[:23]} (format {b.manifest['format_version']})",
         )  # fmt: skip
-        tag = f"loram-format-v{b.manifest['format_version']}"
-        try:
-            api.delete_tag(repo_id, tag=tag)
-        except HfHubHTTPError:
-            pass  # no such tag yet
-        api.create_tag(repo_id, tag=tag, revision=commit.oid)
+        made = commit.oid != before  # the library skips the commit when the Hub holds every file already
+        after = _blob_ids(api, repo_id, commit.oid) if made else remote
+        changed = sorted(rel for rel in local if after.get(rel) != remote.get(rel))
+        _move_tag(api, repo_id, tag, commit.oid)
     except HfHubHTTPError as exc:
         first = str(exc).strip().splitlines()[0]
         raise LoramError(f"publishing to {repo_id} on {ep} failed: {first}") from None
@@ -108,15 +99,26 @@ def publish(
             f"publishing to {repo_id} on {ep} failed ({type(exc).__name__}: the connection broke); "
             "re-run the same command to resume: uploaded files are not sent again"
         ) from None
-    return {"commit": commit.oid, "commit_url": commit.commit_url, "changed": changed, "deleted": stale, "tag": tag, "repo_id": repo_id}
+    if not made:
+        log(f"{repo_id}@{revision} already holds this bundle ({b.bundle_id}); no commit made")
+    return {
+        "repo_id": repo_id, "revision": revision, "commit": commit.oid, "commit_url": commit.commit_url if made else None,
+        "changed": changed, "deleted": stale if made else [], "tag": tag, "bundle_id": b.bundle_id,
+    }  # fmt: skip
 
 
-def _same(local: Path, sibling: Any) -> bool:
-    """Whether the Hub already has these exact bytes (LFS sha256, or git blob id)."""
-    if sibling is None:
-        return False
-    lfs = getattr(sibling, "lfs", None)
-    if lfs is not None:
-        sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
-        return sha == sha256_file(local)
-    return getattr(sibling, "blob_id", None) == git_blob_oid(local)
+def _blob_ids(api: Any, repo_id: str, revision: str) -> dict[str, str]:
+    """Path -> git blob id of every file at ``revision`` (an LFS file's id changes with its content too)."""
+    from huggingface_hub import RepoFile
+
+    return {e.path: e.blob_id for e in api.list_repo_tree(repo_id, recursive=True, revision=revision) if isinstance(e, RepoFile)}
+
+
+def _move_tag(api: Any, repo_id: str, tag: str, commit: str) -> None:
+    """Point ``tag`` at ``commit`` (the newest commit holding a bundle of this format)."""
+    current = {t.name: t.target_commit for t in api.list_repo_refs(repo_id).tags}.get(tag)
+    if current == commit:
+        return
+    if current is not None:
+        api.delete_tag(repo_id, tag=tag)
+    api.create_tag(repo_id, tag=tag, revision=commit)

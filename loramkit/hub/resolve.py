@@ -65,7 +65,7 @@ def offline() -> bool:
     return constants.is_offline_mode()
 
 
-def _configure(endpoint: str) -> None:
+def configure_endpoint(endpoint: str) -> None:
     """Xet is the Hugging Face Hub's own storage: any other endpoint gets plain HTTP and LFS,
     and no telemetry call to huggingface.co (which the client would make whatever the endpoint)."""
     from huggingface_hub import constants
@@ -86,7 +86,7 @@ def download(ref: HubRef, patterns: list[str] | None, *, endpoint: str | None = 
     )
 
     ep = endpoint_of(endpoint)
-    _configure(ep)
+    configure_endpoint(ep)
     try:
         path = snapshot_download(
             ref.repo_id, revision=ref.revision, allow_patterns=patterns, endpoint=ep, token=token,

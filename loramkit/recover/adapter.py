@@ -8,7 +8,6 @@ zero elsewhere; r, alpha and every other LoRA setting carry over unchanged.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,8 @@ import torch
 
 from ..bundle import Bundle
 from ..bundle.fsutil import read_json, staged_dir, write_json
-from ..bundle.manifest import ADAPTER_RECORD_NAME as ADAPTER_RECORD, MANIFEST_NAME, bundle_tag
+from ..bundle.card import compose as compose_card, tags_of as card_tags_of
+from ..bundle.manifest import ADAPTER_RECORD_NAME as ADAPTER_RECORD, BUNDLE_TAG_PREFIX, MANIFEST_NAME, bundle_tag
 from ..errors import AdapterError, BundleError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -74,14 +74,11 @@ class Adapter:
 
 
 def _card_tags(card: Path) -> list[str]:
-    """Tags in a model card's YAML front matter (PEFT copies the base model's tags there)."""
-    if not card.is_file():
-        return []
-    text = card.read_text(encoding="utf-8", errors="replace")
-    if not text.startswith("---"):
-        return []
-    front = text.split("---", 2)[1]
-    return re.findall(r"^\s*-\s*['\"]?(loram-bundle-[0-9a-f]+)", front, flags=re.M)
+    """Bundle tags in the adapter's model card (PEFT copies the base model's tags there)."""
+    try:
+        return [t for t in card_tags_of(card) if t.startswith(BUNDLE_TAG_PREFIX)]
+    except ValueError as exc:
+        raise AdapterError(f"{card}: {exc}; fix or remove the card") from None
 
 
 def check_plain_lora(config: dict[str, Any], where: Path) -> None:
@@ -253,14 +250,11 @@ def recover_adapter(
 
 
 def _card(config: dict[str, Any], b: Bundle) -> str:
-    return (
-        "---\n"
-        f"base_model: {json.dumps(b.base['name_or_path'])}\n"
-        "library_name: peft\n"
-        "tags:\n- lora\n- loram\n- loram-recovered\n"
-        "---\n\n"
+    metadata = {"base_model": b.base["name_or_path"], "library_name": "peft", "tags": ["lora", "loram", "loram-recovered"]}
+    return compose_card(
+        metadata,
         f"# LoRA adapter for `{b.base['name_or_path']}`\n\n"
         f"Trained with LoRAM on the pruned bundle `{b.bundle_id}` and recovered to the full model's\n"
         "dimensions by loramkit (zeros on pruned channels). Load it with\n"
-        "`peft.PeftModel.from_pretrained(base_model, this_dir)`.\n"
+        "`peft.PeftModel.from_pretrained(base_model, this_dir)`.\n",
     )

@@ -485,6 +485,20 @@ def _forward_sweep(
             advance(1)
 
 
+@contextlib.contextmanager
+def _engine(base_dir: Path, arch: ArchSpec, calib: Calibration, settings: EngineSettings) -> Iterator[tuple[_Skeleton, BoundaryStore]]:
+    """The model skeleton over the checkpoint and an empty boundary store, both released on exit."""
+    check_offload_dir(settings.offload_dir)
+    ckpt = Checkpoint(base_dir)
+    try:
+        skel = _Skeleton(base_dir, ckpt, arch, settings.dtype, torch.device(settings.device))
+        shape = (calib.num_samples, calib.seq_len, arch.hidden_size)  # (N, T, H) per boundary
+        with BoundaryStore(shape, settings.dtype, settings.budget, settings.offload_dir) as store:
+            yield skel, store
+    finally:
+        ckpt.close()
+
+
 def calibrated_scores(
     base_dir: Path,
     arch: ArchSpec,
@@ -497,22 +511,22 @@ def calibrated_scores(
 
     ``importance``: ``taylor`` (forward + reverse sweep) or ``activation`` (forward sweep).
     """
-    if importance not in ("taylor", "activation"):
+    if importance not in CALIBRATED:
         raise ValueError(importance)
     check_offload_dir(settings.offload_dir)
     if not layers:
         return {}
-    device = torch.device(settings.device)
-    ckpt = Checkpoint(base_dir)
-    try:
-        skel = _Skeleton(base_dir, ckpt, arch, settings.dtype, device)
-        shape = (calib.num_samples, calib.seq_len, arch.hidden_size)
-        with BoundaryStore(shape, settings.dtype, settings.budget, settings.offload_dir) as store:
-            if importance == "activation":
-                return _activation(skel, calib, settings, store, sorted(layers))
-            return _taylor(skel, calib, settings, store, sorted(layers))
-    finally:
-        ckpt.close()
+    with _engine(base_dir, arch, calib, settings) as (skel, store):
+        sweep = _activation if importance == "activation" else _taylor
+        return sweep(skel, calib, settings, store, sorted(layers))
+
+
+def final_hidden_states(base_dir: Path, arch: ArchSpec, calib: Calibration, settings: EngineSettings = EngineSettings()) -> torch.Tensor:
+    """The last decoder layer's output for every calibration block, (N, T, H), by the forward sweep alone."""
+    with _engine(base_dir, arch, calib, settings) as (skel, store):
+        L = len(skel.layers)
+        _forward_sweep(skel, calib, settings, store, upto=L, keep_from=L)
+        return store.get(L, 0, calib.num_samples)
 
 
 def _activation(
@@ -634,6 +648,7 @@ __all__ = [
     "EngineSettings",
     "calibrated_scores",
     "check_offload_dir",
+    "final_hidden_states",
     "load_calibration",
     "read_calibration",
 ]

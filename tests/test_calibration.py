@@ -1,0 +1,332 @@
+"""The layer-streamed calibration engine (loramkit.prune.calibration) against whole-model autograd.
+
+References are plain transformers models in float64: one forward over every calibration
+block, the mean next-token loss computed here, one backward. The engine runs in float64 too,
+in uneven micro-batches, so the two differ only by summation order: agreement is asserted to
+1e-12 relative to the largest score (float64 eps is 2.2e-16; a score sums about 10^4 products
+through 8 layers, so accumulated rounding stays far below 1e-12). Gradients are reduced to
+unit scores with the package's group reduction, whose geometry test_prune checks against its
+own oracles; what is under test here is the engine's gradients and activations.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import loramkit.prune.calibration as cal_mod
+from loramkit.cli import run
+from loramkit.families import ArchSpec
+from loramkit.prune.calibration import (
+    EngineSettings,
+    calibrated_scores,
+    final_hidden_states,
+    load_calibration,
+)
+from loramkit.prune.pruner import prune
+from loramkit.prune.taylor import taylor_group_scores, whole_model_taylor_scores
+from tests.factory import sample_texts
+
+SAMPLES, SEQ_LEN = 5, 24  # micro-batches of 2: 2 + 2 + 1 rows
+F64 = EngineSettings(micro_batch=2, dtype=torch.float64, show_progress=False)
+RTOL = 1e-12
+
+
+def _arch(base: Path) -> ArchSpec:
+    return ArchSpec.from_config(json.loads((base / "config.json").read_text()))
+
+
+def _calib_file(tmp_path: Path, n: int = 40) -> Path:
+    p = tmp_path / "calib.txt"
+    p.write_text("\n\n".join(sample_texts(n, seed=5)) + "\n", encoding="utf-8")
+    return p
+
+
+def _calib(base: Path, tmp_path: Path):
+    return load_calibration(_calib_file(tmp_path), base, 256, SAMPLES, SEQ_LEN)
+
+
+def _pruned(arch: ArchSpec) -> list[int]:
+    return list(range(2, arch.num_hidden_layers - 1))  # prune's default for 8 layers
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    scale = float(want.abs().max())
+    assert scale > 0, what
+    err = float((got - want).abs().max())
+    assert err <= RTOL * scale, f"{what}: max error {err:.3e} vs scale {scale:.3e}"
+
+
+def _scored(arch: ArchSpec, params: dict[str, torch.nn.Parameter], layer: int) -> list[str]:
+    names = []
+    for role in ("q", "k", "v", "o", "gate", "up", "down"):
+        module = arch.family.module(layer, role)
+        names += [f"{module}.weight"] + ([f"{module}.bias"] if role in ("q", "k", "v", "gate", "up") else [])
+    return [n for n in dict.fromkeys(names) if n in params]
+
+
+def reference_taylor(base: Path, arch: ArchSpec, layers: list[int], ids: torch.Tensor):
+    """Whole model in float64, one forward over every block, loss = mean token cross-entropy."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    model.eval()
+    logits = model(input_ids=ids, use_cache=False).logits  # (N, T, V) float64
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    params = dict(model.named_parameters())
+    return {i: taylor_group_scores(arch, i, {n: (params[n].detach(), params[n].grad) for n in _scored(arch, params, i)}) for i in layers}
+
+
+# ---------------------------------------------------------------------------- exactness
+
+
+def test_engine_taylor_equals_whole_model_autograd(make_base_dir, tmp_path, family_case):
+    base = make_base_dir(family_case)
+    arch, calib = _arch(base), _calib(base, tmp_path)
+    assert calib.ids.shape == (SAMPLES, SEQ_LEN)
+    layers = _pruned(arch)
+    got = calibrated_scores(base, arch, layers, calib, "taylor", F64)
+    want = reference_taylor(base, arch, layers, calib.ids)
+    for i in layers:
+        _close(got[i][0], want[i][0], f"layer {i} kv groups")
+        _close(got[i][1], want[i][1], f"layer {i} channels")
+        assert (got[i][0] > 0).all() and (got[i][1] > 0).all()
+
+
+def test_whole_model_reference_path_agrees(make_base_dir, tmp_path):
+    """taylor.whole_model_taylor_scores (what the benchmark compares with) computes the same scores."""
+    base = make_base_dir("qwen2")
+    arch, calib = _arch(base), _calib(base, tmp_path)
+    got = whole_model_taylor_scores(base, arch, [2, 5], calib, micro_batch=3, dtype=torch.float64)
+    want = reference_taylor(base, arch, [2, 5], calib.ids)
+    for i in (2, 5):
+        _close(got[i][0], want[i][0], f"layer {i} kv groups")
+        _close(got[i][1], want[i][1], f"layer {i} channels")
+
+
+def test_forward_sweep_final_hidden_states(make_base_dir, tmp_path, family_case):
+    base = make_base_dir(family_case)
+    arch, calib = _arch(base), _calib(base, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    seen = {}
+    last = model.get_submodule(f"{arch.family.layers_prefix}.{arch.num_hidden_layers - 1}")
+    last.register_forward_hook(lambda _m, _i, out: seen.setdefault("h", out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(input_ids=calib.ids, use_cache=False)
+    got = final_hidden_states(base, arch, calib, F64)
+    assert got.shape == (SAMPLES, SEQ_LEN, arch.hidden_size)
+    _close(got, seen["h"], "last decoder layer output")
+
+
+def _tap(acc: torch.Tensor, per_token):
+    """A forward pre-hook adding ``per_token(input)`` summed over (N, T) to ``acc``; the input is left alone."""
+
+    def hook(_module, args):
+        acc.add_(per_token(args[0]).sum((0, 1)))
+
+    return hook
+
+
+def test_activation_equals_whole_model(make_base_dir, tmp_path, family_case):
+    """Minitron importance: the same definition measured with hooks on the whole model."""
+    base = make_base_dir(family_case)
+    arch, calib = _arch(base), _calib(base, tmp_path)
+    layers = _pruned(arch)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    heads = {i: torch.zeros(arch.num_attention_heads, dtype=torch.float64) for i in layers}
+    chans = {i: torch.zeros(arch.intermediate_size, dtype=torch.float64) for i in layers}
+    for i in layers:
+        o = model.get_submodule(arch.family.module(i, "o"))
+        down = model.get_submodule(arch.family.module(i, "down"))
+        # o_proj input (N, T, H * hd) -> per-head L2 norms (N, T, H); down_proj input (N, T, I)
+        o.register_forward_pre_hook(_tap(heads[i], lambda x: x.unflatten(-1, (-1, arch.head_dim)).norm(dim=-1)))
+        down.register_forward_pre_hook(_tap(chans[i], torch.abs))
+    with torch.no_grad():
+        model(input_ids=calib.ids, use_cache=False)
+    got = calibrated_scores(base, arch, layers, calib, "activation", F64)
+    n = calib.ids.numel()
+    for i in layers:
+        _close(got[i][0], (heads[i] / n).view(arch.num_key_value_heads, -1).sum(1), f"layer {i} kv groups")
+        _close(got[i][1], chans[i] / n, f"layer {i} channels")
+
+
+# ---------------------------------------------------------------------------- cut units
+
+
+def _cut_base(base: Path, tmp_path: Path, arch: ArchSpec, layer: int, group: int, channel: int, what: str) -> Path:
+    """A copy of ``base`` where one KV group and one MLP channel of ``layer`` are cut off.
+
+    ``what="outputs"``: their o_proj columns and down_proj column are zero (nothing they
+    compute reaches the residual stream). ``what="values"``: the group's v rows (and bias)
+    and the channel's up row (and bias) are zero (their outputs are zero).
+    """
+    out = tmp_path / "cut"
+    shutil.copytree(base, out)
+    for f in out.glob("*.safetensors"):
+        f.chmod(0o644)
+        tensors, changed = load_file(str(f)), False
+        hd, G = arch.head_dim, arch.group_size
+        cuts = {
+            "outputs": [("o", 1, slice(group * G * hd, (group + 1) * G * hd)), ("down", 1, slice(channel, channel + 1))],
+            "values": [("v", 0, slice(group * hd, (group + 1) * hd)), ("up", 0, slice(channel, channel + 1))],
+        }[what]
+        for role, dim, idx in cuts:
+            for suffix in ("weight", "bias"):
+                name = f"{arch.family.module(layer, role)}.{suffix}"
+                if name in tensors and (suffix == "weight" or dim == 0):
+                    t = tensors[name].clone()
+                    t[(slice(None), idx) if dim == 1 else idx] = 0
+                    tensors[name], changed = t, True
+        if changed:
+            save_file(tensors, str(f), metadata={"format": "pt"})
+    return out
+
+
+def test_cut_units_score_exactly_zero(make_base_dir, tmp_path, family_case):
+    base = make_base_dir(family_case)
+    arch = _arch(base)
+    layer, group, channel = 3, arch.num_key_value_heads - 1, 7
+    cut = _cut_base(base, tmp_path, arch, layer, group, channel, "outputs")
+    calib = _calib(cut, tmp_path)
+    kv, ch = calibrated_scores(cut, arch, [layer], calib, "taylor", EngineSettings(show_progress=False))[layer]
+    assert kv[group] == 0 and ch[channel] == 0  # exactly: every gradient behind a zero column is 0
+    assert (kv[:group] > 0).all() and (ch[:channel] > 0).all() and (ch[channel + 1 :] > 0).all()
+
+
+def test_silent_units_have_zero_activation(make_base_dir, tmp_path, family_case):
+    base = make_base_dir(family_case)
+    arch = _arch(base)
+    if arch.family.modules["v"] == arch.family.modules["q"] or arch.family.modules["up"] == arch.family.modules["gate"]:
+        pytest.skip("fused projections: v and up rows are segments of another tensor")
+    layer, group, channel = 4, 0, 11
+    cut = _cut_base(base, tmp_path, arch, layer, group, channel, "values")
+    calib = _calib(cut, tmp_path)
+    kv, ch = calibrated_scores(cut, arch, [layer], calib, "activation", EngineSettings(show_progress=False))[layer]
+    assert kv[group] == 0 and ch[channel] == 0
+    assert (kv[1:] > 0).all() and (ch[:channel] > 0).all()
+
+
+# ---------------------------------------------------------------------------- boundary store
+
+
+def test_disk_store_gives_the_same_scores(make_base_dir, tmp_path, monkeypatch):
+    base = make_base_dir("llama_gqa")
+    arch, calib = _arch(base), _calib(base, tmp_path)
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    seen = []
+    close = cal_mod.BoundaryStore.close
+
+    def spy(self):  # what the store held on disk, before it cleans up
+        seen.append((self.disk_slots, self.peak_memory, sorted(p.name for p in offload.rglob("*"))))
+        close(self)
+
+    monkeypatch.setattr(cal_mod.BoundaryStore, "close", spy)
+    for importance in ("taylor", "activation"):
+        seen.clear()
+        memory = calibrated_scores(base, arch, [2, 3, 6], calib, importance, EngineSettings(show_progress=False))
+        assert seen[0][0] == 0
+        disk = EngineSettings(budget=0, offload_dir=offload, show_progress=False)
+        spilled = calibrated_scores(base, arch, [2, 3, 6], calib, importance, disk)
+        disk_slots, peak_memory, files = seen[-1]
+        assert disk_slots >= 2 and peak_memory == 0 and files  # everything went to files
+        for i in (2, 3, 6):
+            assert torch.equal(memory[i][0], spilled[i][0]) and torch.equal(memory[i][1], spilled[i][1])
+        assert list(offload.iterdir()) == []  # the temporary folder is gone
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
+def test_offload_dir_removed_on_interrupt(make_base_dir, tmp_path, monkeypatch, interrupt):
+    base = make_base_dir("llama_gqa")
+    arch, calib = _arch(base), _calib(base, tmp_path)
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    calls = []
+    run_layer = cal_mod._Skeleton.run_layer
+
+    def flaky(self, module, index, hidden):
+        calls.append(index)
+        if len(calls) == 9:  # mid-way through the reverse sweep, with files on disk
+            assert any(offload.rglob("*.bin"))
+            raise interrupt()
+        return run_layer(self, module, index, hidden)
+
+    monkeypatch.setattr(cal_mod._Skeleton, "run_layer", flaky)
+    with pytest.raises(interrupt):
+        calibrated_scores(base, arch, [3], calib, "taylor", EngineSettings(micro_batch=SAMPLES, budget=0, offload_dir=offload, show_progress=False))
+    assert list(offload.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- calibration text
+
+
+def test_calibration_is_packed_and_capped(make_base_dir, tmp_path):
+    base = make_base_dir("llama_gqa")
+    path = _calib_file(tmp_path, 6)
+    few = load_calibration(path, base, 256, 1000, 16)  # asks for more than the file holds
+    stream = few.ids.reshape(-1)
+    assert few.num_samples == few.record()["num_samples"] and few.record()["num_tokens"] == few.ids.numel()
+    one = load_calibration(path, base, 256, 1000, 4096 // 16)  # shorter than one block: one block of all tokens
+    assert one.num_samples == 1 and one.seq_len < 256
+    assert torch.equal(stream, one.ids[0, : stream.numel()])  # the same packed stream, cut differently
+    assert (one.ids[0] == 1).sum() == 6  # a BOS starts each passage
+
+
+# ---------------------------------------------------------------------------- determinism and CLI
+
+
+def test_same_inputs_same_bundle_id(make_base_dir, tmp_path):
+    base = make_base_dir("qwen3")
+    calib = _calib_file(tmp_path)
+    ids = set()
+    for n, (importance, extra) in enumerate(
+        [("taylor", {}), ("taylor", {}), ("taylor", {"activation_budget": 0, "offload_dir": tmp_path})]
+    ):
+        m = prune(base, tmp_path / f"out{n}", 0.5, importance=importance, calibration=calib, calibration_samples=6,
+                  calibration_seq_len=32, show_progress=False, **extra)  # fmt: skip
+        ids.add(m["bundle_id"])
+    assert len(ids) == 1
+    a = prune(base, tmp_path / "act-a", 0.5, importance="activation", calibration=calib, show_progress=False)
+    b = prune(base, tmp_path / "act-b", 0.5, importance="activation", calibration=calib, show_progress=False)
+    assert a["bundle_id"] == b["bundle_id"] and a["bundle_id"] not in ids
+    assert a["pruning"]["importance"] == "activation" and "Minitron" in a["pruning"]["importance_definition"]
+
+
+def _one_line_error(capsys, *argv: object) -> str:
+    rc = run([str(a) for a in argv])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+def _refused(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("importance", ["taylor", "activation"])
+def test_refusals(make_base_dir, tmp_path, capsys, importance):
+    base = make_base_dir("llama_gqa")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n   \n\n", encoding="utf-8")
+    rowless = tmp_path / "rowless.jsonl"
+    rowless.write_text('{"prompt": "no text field"}\n{"text": "   "}\n', encoding="utf-8")
+    good = _calib_file(tmp_path)
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    before = _refused(tmp_path)
+    common = ["prune", base, "--out", tmp_path / "out", "--ratio", "0.5", "--importance", importance]
+    assert "no calibration text" in _one_line_error(capsys, *common, "--calibration", blank)
+    assert "no calibration text" in _one_line_error(capsys, *common, "--calibration", rowless)
+    line = _one_line_error(capsys, *common, "--calibration", good, "--seq-len", 1024)
+    assert "1024" in line and "max_position_embeddings" in line and "256" in line
+    line = _one_line_error(capsys, *common, "--calibration", good, "--offload-dir", a_file)
+    assert "--offload-dir" in line and str(a_file) in line
+    line = _one_line_error(capsys, *common, "--calibration", good, "--offload-dir", tmp_path / "missing")
+    assert "--offload-dir" in line
+    assert _refused(tmp_path) == before  # nothing written, no temporary folder left

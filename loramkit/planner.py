@@ -16,7 +16,7 @@ from typing import Any
 from .bundle.quantization import expected_entries
 from .bundle.safetensors_io import nbytes_of
 from .families import ArchSpec
-from .families.geometry import LayerDims, count_parameters
+from .families.geometry import LayerDims, count_parameters, linear_shapes
 from .families.pruning_rules import plan_layers
 
 # Mixed-precision AdamW: bf16 weights + bf16 grads + fp32 master, m and v (full fine-tuning);
@@ -39,19 +39,12 @@ class MethodPlan:
     train_memory_checkpointed: int
 
 
-def _linear_shapes(arch: ArchSpec, d: LayerDims) -> list[tuple[int, int]]:
-    """[out, in] of the seven projections of one layer."""
-    h, hd = arch.hidden_size, arch.head_dim
-    q, kv, inter = d.heads[1] * hd, d.kv_heads[1] * hd, d.intermediate[1]
-    return [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter)]
-
-
 def _four_bit_bytes(arch: ArchSpec, layers: list[LayerDims], quant_type: str, blocksize: int, double_quant: bool) -> int:
     """Real bytes of a 4-bit bundle: packed projections + block constants + 16-bit everything else."""
     total_params = count_parameters(arch, layers)
     linear_params, packed = 0, 0
     for d in layers:
-        for shape in _linear_shapes(arch, d):
+        for shape in linear_shapes(arch, d):
             linear_params += shape[0] * shape[1]
             entries = expected_entries("m", shape, quant_type, blocksize, double_quant)
             packed += sum(nbytes_of(dtype, s) for dtype, s in entries.values())
@@ -78,7 +71,7 @@ def _activations(arch: ArchSpec, layers: list[LayerDims], tokens: int, checkpoin
 
 
 def _lora_params(arch: ArchSpec, layers: list[LayerDims], rank: int) -> int:
-    return sum(rank * (o + i) for d in layers for o, i in _linear_shapes(arch, d))
+    return sum(rank * (o + i) for d in layers for o, i in linear_shapes(arch, d))
 
 
 def plan(

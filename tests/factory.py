@@ -5,7 +5,8 @@ Every case in :data:`FAMILY_CASES` is a scaled-down copy of a real architecture
 original: MHA vs GQA, implicit vs explicit ``head_dim`` (including a
 ``head_dim`` that is not ``hidden_size / num_attention_heads``), tied
 embeddings, llama3 rope scaling, Mistral's sliding window, Qwen2's q/k/v
-biases, Qwen3's q/k norms.  All cases have 8 decoder layers, so the default
+biases, Qwen3's and Gemma 3's q/k norms, Gemma's soft-capping, four norms per
+layer and scaled tied embeddings.  All cases have 8 decoder layers, so the default
 loramkit pruning (for 8 layers: keep the first 2 and the last 1) prunes layers 2 to 6.
 
 Weights are random but non-trivial: the projections are drawn with a larger
@@ -196,6 +197,67 @@ FAMILY_CASES: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False,
     },
+    # gemma-2 (9b-like): GQA (G=2), head_dim 16 != 64/8, query_pre_attn_scalar = head_dim,
+    # attention and final-logit soft-capping, sliding window every other layer (short
+    # enough to act on test inputs), four (1 + w) norms per layer, scaled tied embeddings.
+    "gemma2": {
+        "_architecture": "Gemma2ForCausalLM",
+        "_implicit_head_dim": False,
+        "_rope_theta": 10000.0,
+        "_rope_scaling": None,
+        "model_type": "gemma2",
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 16,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 16,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window": 12,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
+    # gemma-3 text (12b-like): GQA (G=4), head_dim 16, q/k norms over head_dim, 5 sliding
+    # layers per full one, local and global rope (linear scaling on the global one), tied.
+    "gemma3": {
+        "_architecture": "Gemma3ForCausalLM",
+        "_implicit_head_dim": False,
+        "_rope_theta": 1000000.0,
+        "_rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        "_rope_local_theta": 10000.0,
+        "model_type": "gemma3_text",
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 12,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
+    # phi-3-medium: fused qkv_proj [Q | K | V] and gate_up_proj [gate | up], GQA (G=4),
+    # implicit head_dim, a sliding window shorter than test inputs, not tied.
+    "phi3": {
+        "_architecture": "Phi3ForCausalLM",
+        "_implicit_head_dim": True,
+        "_rope_theta": 10000.0,
+        "_rope_scaling": None,
+        "model_type": "phi3",
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "sliding_window": 12,
+        "pad_token_id": None,  # Phi3Config's default (32000) lies outside the tiny vocabulary
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
 }
 CASE_NAMES: tuple[str, ...] = tuple(FAMILY_CASES)
 
@@ -204,6 +266,9 @@ _CONFIG_CLASSES = {
     "mistral": transformers.MistralConfig,
     "qwen2": transformers.Qwen2Config,
     "qwen3": transformers.Qwen3Config,
+    "gemma2": transformers.Gemma2Config,
+    "gemma3_text": transformers.Gemma3TextConfig,
+    "phi3": transformers.Phi3Config,
 }
 
 
@@ -229,6 +294,7 @@ def tiny_config(case: str, **overrides: Any) -> transformers.PretrainedConfig:
     rope_scaling = overrides.pop("rope_scaling", spec.pop("_rope_scaling"))
     arch = spec.pop("_architecture")
     spec.pop("_implicit_head_dim")
+    local_theta = spec.pop("_rope_local_theta", None)
     model_type = spec.pop("model_type")
 
     fields: dict[str, Any] = {**_COMMON, **spec, **overrides}
@@ -238,6 +304,9 @@ def tiny_config(case: str, **overrides: Any) -> transformers.PretrainedConfig:
             rope.update(copy.deepcopy(rope_scaling))
             rope["rope_theta"] = float(rope_theta)
         fields["rope_parameters"] = rope
+        if local_theta is not None:  # Gemma 3: global rope on full layers, local rope on sliding ones
+            local = {"rope_type": "default", "rope_theta": float(local_theta)}
+            fields["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
     # Implicit head_dim: derive it from (possibly overridden) hidden/heads.
     if _case(case)["_implicit_head_dim"] and "head_dim" not in overrides:
         fields.pop("head_dim", None)
@@ -262,7 +331,7 @@ def expected_shapes(case_or_config: str | transformers.PretrainedConfig) -> dict
         "q_out": cfg.num_attention_heads * hd,
         "kv_out": cfg.num_key_value_heads * hd,
         "qkv_bias": cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
-        "qk_norm": cfg.model_type == "qwen3",
+        "qk_norm": cfg.model_type in ("qwen3", "gemma3_text"),
         "tied": bool(cfg.tie_word_embeddings),
     }
 
@@ -305,6 +374,9 @@ def _hubify_config(path: Path, case: str, overrides: dict[str, Any]) -> None:
     cfg_path = path / "config.json"
     data = json.loads(cfg_path.read_text())
     rope = data.pop("rope_parameters", None)
+    if rope is not None and "full_attention" in rope:  # Gemma 3 spells the local one apart
+        data["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        rope = rope["full_attention"]
     if rope is not None:
         rope = dict(rope)
         data["rope_theta"] = rope.pop("rope_theta", 10000.0)
@@ -316,6 +388,12 @@ def _hubify_config(path: Path, case: str, overrides: dict[str, Any]) -> None:
     layer_types = data.get("layer_types")
     if layer_types is not None and set(layer_types) == {"full_attention"}:
         data.pop("layer_types")
+    if data["model_type"] in ("gemma2", "gemma3_text"):  # the pattern is implied (gemma-3: sliding_window_pattern)
+        data.pop("layer_types")
+        if data.pop("_sliding_window_pattern", None) is not None:
+            data["sliding_window_pattern"] = 6
+        if data["model_type"] == "gemma2" and data["tie_word_embeddings"]:
+            data.pop("tie_word_embeddings")  # as published: tied is Gemma2Config's default
     if _case(case)["_implicit_head_dim"] and "head_dim" not in overrides:
         data.pop("head_dim", None)
     cfg_path.write_text(json.dumps(dict(sorted(data.items())), indent=2) + "\n")

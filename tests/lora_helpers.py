@@ -21,6 +21,15 @@ from typing import Any, Iterator
 import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Phi-3 holds q/k/v in one qkv_proj and gate/up in one gate_up_proj (transformers' Phi3Attention / Phi3MLP).
+FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def targets_of(model_dir: Path) -> list[str]:
+    """Every projection of the model in ``model_dir`` (a base or a bundle), by its config's model_type."""
+    import json
+
+    return FUSED_TARGETS if json.loads((Path(model_dir) / "config.json").read_text())["model_type"] == "phi3" else TARGETS
 # The default LoRAM setup for the 8-layer tiny models: layers 2..6 pruned.
 PRUNE_KW: dict[str, Any] = dict(ratio=0.5, keep_first=2, keep_last=1, importance="random", seed=0)
 LORA_KW: dict[str, Any] = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
@@ -69,6 +78,7 @@ class LoramShop:
         from loramkit.model.loader import load_pruned_model
 
         save_kw = save_kw or {}
+        lora_kw.setdefault("target_modules", targets_of(bundle))
         key = _key("adapter", str(bundle), lora_kw, save_kw)
         if key not in _CACHE:
             from peft import get_peft_model

@@ -35,6 +35,9 @@ RULES = {
     "mistral": (64, 8, 2, 8, 172, False, False, False, False, "default"),
     "qwen2": (96, 12, 4, 8, 260, True, False, False, False, "default"),
     "qwen3": (64, 8, 2, 16, 172, False, True, False, True, "default"),
+    "gemma2": (64, 8, 4, 16, 172, False, False, True, True, "default"),
+    "gemma3": (64, 8, 2, 16, 172, False, True, True, True, "linear"),
+    "phi3": (64, 8, 2, 8, 172, False, False, False, False, "default"),
 }
 
 
@@ -76,13 +79,14 @@ def test_config_shape_rules(family_base_dir, family_case):
     cfg = AutoConfig.from_pretrained(family_base_dir)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (hidden, 8, h)
     assert (cfg.num_key_value_heads, cfg.intermediate_size) == (kv, inter)
-    # Qwen2Config has no head_dim attribute at all in transformers 5.24.
-    assert getattr(cfg, "head_dim", None) == (None if family_case == "qwen2" else hd)
+    # Qwen2Config and Phi3Config have no head_dim attribute at all in transformers 5.24.
+    assert getattr(cfg, "head_dim", None) == (None if family_case in ("qwen2", "phi3") else hd)
     assert expected_shapes(cfg)["head_dim"] == hd
     assert cfg.vocab_size == VOCAB_SIZE == len(tiny_tokenizer())
     assert cfg.max_position_embeddings == 256
     assert bool(cfg.tie_word_embeddings) is tied
-    assert cfg.rope_parameters["rope_type"] == rope_type
+    rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)  # Gemma 3: per layer type
+    assert rope["rope_type"] == rope_type
     assert cfg.dtype == torch.float32
     # Hub-style config.json.
     assert ("head_dim" in raw) is hd_key
@@ -94,6 +98,9 @@ def test_config_shape_rules(family_base_dir, family_case):
         assert hd != hidden // h  # explicit head_dim that is not hidden/heads
     if family_case == "mistral":
         assert cfg.sliding_window == 128 < cfg.max_position_embeddings
+    if family_case.startswith("gemma"):  # a window shorter than test inputs, on some layers only
+        assert cfg.sliding_window == 12 and {"sliding_attention", "full_attention"} == set(cfg.layer_types)
+        assert "layer_types" not in raw
     # expected_shapes agrees with the saved config.
     exp = expected_shapes(cfg)
     assert (exp["group_size"], exp["qkv_bias"], exp["qk_norm"], exp["tied"]) == (h // kv, bias, qk_norm, tied)
@@ -104,11 +111,15 @@ def test_tensor_shape_rules(family_base_dir, family_case):
     ts = _tensors(family_base_dir)
     assert list(family_base_dir.glob("*.safetensors")) == [family_base_dir / "model.safetensors"]
     p = "model.layers.5."
-    assert ts[p + "self_attn.q_proj.weight"][0] == [h * hd, hidden]
-    assert ts[p + "self_attn.k_proj.weight"][0] == [kv * hd, hidden]
-    assert ts[p + "self_attn.v_proj.weight"][0] == [kv * hd, hidden]
+    if family_case == "phi3":  # fused [Q | K | V] and [gate | up]
+        assert ts[p + "self_attn.qkv_proj.weight"][0] == [(h + 2 * kv) * hd, hidden]
+        assert ts[p + "mlp.gate_up_proj.weight"][0] == [2 * inter, hidden]
+    else:
+        assert ts[p + "self_attn.q_proj.weight"][0] == [h * hd, hidden]
+        assert ts[p + "self_attn.k_proj.weight"][0] == [kv * hd, hidden]
+        assert ts[p + "self_attn.v_proj.weight"][0] == [kv * hd, hidden]
+        assert ts[p + "mlp.gate_proj.weight"][0] == [inter, hidden]
     assert ts[p + "self_attn.o_proj.weight"][0] == [hidden, h * hd]
-    assert ts[p + "mlp.gate_proj.weight"][0] == [inter, hidden]
     assert ts[p + "mlp.down_proj.weight"][0] == [hidden, inter]
     assert ts["model.embed_tokens.weight"][0] == [VOCAB_SIZE, hidden]
     assert {k.split(".")[2] for k in ts if k.startswith("model.layers.")} == {str(i) for i in range(8)}

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import loramkit.prune.pruner as pruner_mod
 from loramkit.errors import LoramError, OutputExistsError
 from loramkit.prune.pruner import prune
+
 from tests.factory import expected_shapes, sample_texts, tiny_model, tiny_tokenizer
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -79,8 +80,38 @@ def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
 
 
+# Phi-3 stores q | k | v rows in qkv_proj and gate | up rows in gate_up_proj (transformers'
+# Phi3Attention / Phi3MLP). The oracles here speak of separate projections: split first.
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def unfuse(tensors: dict[str, torch.Tensor], case: str, maps: bool = False) -> dict[str, torch.Tensor]:
+    """Base tensors (or index maps, ``maps=True``) with each fused projection split into its parts' rows."""
+    s = expected_shapes(case)
+    rows = {"q_proj": s["q_out"], "k_proj": s["kv_out"], "v_proj": s["kv_out"]}
+    rows |= {"gate_proj": s["intermediate_size"], "up_proj": s["intermediate_size"]}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        fused = next((f for f in FUSED if f".{f}." in key), None)
+        if fused is None or key.endswith(":1"):
+            out[key] = t
+            continue
+        start = 0
+        for part in FUSED[fused]:
+            n = rows[part.rsplit(".", 1)[1]]
+            new = key.replace(fused, part)
+            out[new] = t[(t >= start) & (t < start + n)] - start if maps else t[start : start + n]
+            start += n
+        assert maps or start == t.shape[0], key  # the parts tile the fused rows
+    return out
+
+
 def kept_sets(maps: dict[str, torch.Tensor], case: str, layer: int) -> tuple[list[int] | None, list[int] | None]:
     """(kept kv groups, kept channels) of one layer from its maps; None where the block is whole."""
+    maps = unfuse(maps, case, maps=True)
     hd = expected_shapes(case)["head_dim"]
     p = layer_prefix(layer)
     k = maps.get(p + "self_attn.k_proj.weight:0")
@@ -105,7 +136,8 @@ def check_bundle(bundle: Path, base_dir: Path, case: str) -> dict[str, Any]:
         assert int(t.min()) >= 0 and int(t.max()) < size, key
         assert t.numel() < size, f"{key} removes nothing"
 
-    # ---- index maps: coupled groups, per layer
+    # ---- index maps: coupled groups, per layer (of the separate projections)
+    fused_maps, maps = maps, unfuse(maps, case, maps=True)
     pr = m["pruning"]
     first, last, L = pr["keep_first"], pr["keep_last"], shp["num_hidden_layers"]
     want_keys: set[str] = set()
@@ -145,6 +177,7 @@ def check_bundle(bundle: Path, base_dir: Path, case: str) -> dict[str, Any]:
             want_keys |= {p + "mlp.gate_proj.weight:0", p + "mlp.up_proj.weight:0", p + "mlp.down_proj.weight:1"}
     assert set(maps) == want_keys, "maps exist exactly for the pruned dimensions"
     assert pr["pruned_layers"] == [d["index"] for d in layers if d["pruned"]]
+    maps = fused_maps
 
     # ---- weights: same names, bitwise slices / copies
     assert set(stored) == set(base), "stored tensors are the base's (tied lm_head absent)"
@@ -283,6 +316,7 @@ def group_l2(base: dict[str, torch.Tensor], case: str, layer: int) -> tuple[torc
     s = expected_shapes(case)
     hd, G, Hkv, I = s["head_dim"], s["group_size"], s["num_key_value_heads"], s["intermediate_size"]
     p = layer_prefix(layer)
+    base = unfuse(base, case)
     w = lambda n: base[p + n].double()  # noqa: E731
     kv = torch.zeros(Hkv, dtype=torch.float64)
     for g in range(Hkv):

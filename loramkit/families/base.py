@@ -4,6 +4,10 @@ Every supported family is a LLaMA-style decoder: per layer an attention block
 (q, k, v, o projections; query heads grouped over key/value heads) and a gated MLP
 (gate, up, down). A family table names those modules; the pruning and recovery code
 is written once against the roles, never against a family.
+
+Roles that share one module name are *fused* (Phi-3's ``qkv_proj``, ``gate_up_proj``):
+the module's rows are its roles' rows one after the other, in role order (q | k | v,
+gate | up), each segment as long as the unfused projection would be.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ class Family:
     head_norms: tuple[str, ...] = ()
     # Roles that always carry a bias (Qwen2 q/k/v); others follow config's attention_bias / mlp_bias.
     bias_roles: tuple[Role, ...] = ()
+    # Hidden-size norms per decoder layer (LLaMA: input + post-attention; Gemma: four).
+    layer_norms: int = 2
+    # transformers' default when config.json has no tie_word_embeddings (published Gemma 2 configs have none).
+    tied_by_default: bool = False
     layers_prefix: str = "model.layers"
     embeddings: str = "model.embed_tokens"
     lm_head: str = "lm_head"  # shares the embeddings' weight when tie_word_embeddings
@@ -50,6 +58,19 @@ class Family:
     def module(self, layer: int, role: Role) -> str:
         """Full module path, e.g. ``model.layers.7.self_attn.q_proj``."""
         return f"{self.layers_prefix}.{layer}.{self.modules[role]}"
+
+    def fused_roles(self, role: Role) -> tuple[Role, ...]:
+        """The roles stored in ``role``'s module, in row order (just ``(role,)`` when unfused)."""
+        return tuple(r for r in self.modules if self.modules[r] == self.modules[role])
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """The projections' module names as PEFT ``target_modules`` (e.g. q_proj ... down_proj)."""
+        return tuple(dict.fromkeys(m.rsplit(".", 1)[-1] for m in self.modules.values()))
+
+    def projections(self, layer: int) -> list[str]:
+        """Full paths of the distinct projection modules of one layer (a fused module once)."""
+        return list(dict.fromkeys(self.module(layer, r) for r in self.modules))
 
     def layer_of(self, module_path: str) -> int | None:
         """Layer index of a module path, or None when outside the decoder layers."""
@@ -60,7 +81,7 @@ class Family:
         return int(head) if head.isdigit() else None
 
     def role_of(self, module_path: str) -> Role | None:
-        """The role of a full module path, or None for modules pruning never touches."""
+        """The role of a full module path (a fused module's first role), or None for modules pruning never touches."""
         layer = self.layer_of(module_path)
         if layer is None:
             return None
@@ -117,7 +138,7 @@ class ArchSpec:
                 head_dim=int(config.get("head_dim") or hidden // heads),
                 intermediate_size=int(config["intermediate_size"]),
                 vocab_size=int(config["vocab_size"]),
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", family.tied_by_default)),
                 bias_roles=frozenset(family.bias_roles)
                 | (frozenset(("q", "k", "v", "o")) if config.get("attention_bias") else frozenset())
                 | (frozenset(("gate", "up", "down")) if config.get("mlp_bias") else frozenset()),

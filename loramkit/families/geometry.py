@@ -45,6 +45,35 @@ def unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
     return (units[:, None] * width + torch.arange(width)).reshape(-1)
 
 
+def _unit_kinds(arch: ArchSpec) -> dict[str, tuple[int, int]]:
+    """kind -> (units, rows or columns per unit) in an unpruned layer."""
+    return {
+        "query": (arch.num_key_value_heads, arch.group_size * arch.head_dim),
+        "kv": (arch.num_key_value_heads, arch.head_dim),
+        "channel": (arch.intermediate_size, 1),
+    }
+
+
+def coupled_slices(arch: ArchSpec, layer: int) -> dict[str, list[tuple[int, str, int, int]]]:
+    """Tensor name -> its segments ``(dim, kind, start, length)`` coupled to the layer's units.
+
+    A plain projection has one segment covering the whole dimension; a fused one (Phi-3's
+    qkv_proj) has one per role, in row order. Biases of row-pruned projections follow
+    their rows; o/down biases live in hidden space and belong to no unit.
+    """
+    sizes = _unit_kinds(arch)
+    out: dict[str, list[tuple[int, str, int, int]]] = {}
+    for role, dim, kind in ATTENTION_ROLES + MLP_ROLES:
+        module = arch.family.module(layer, role)
+        names = (f"{module}.weight", f"{module}.bias") if dim == 0 else (f"{module}.weight",)
+        for name in names:
+            segments = out.setdefault(name, [])
+            start = sum(length for _, _, _, length in segments)
+            units, width = sizes[kind]
+            segments.append((dim, kind, start, units * width))
+    return out
+
+
 def layer_index_maps(
     arch: ArchSpec, layer: int, kept_groups: torch.Tensor, kept_channels: torch.Tensor, tensor_names: set[str]
 ) -> dict[str, torch.Tensor]:
@@ -52,8 +81,9 @@ def layer_index_maps(
 
     ``kept_groups``: kept KV heads (== heads for MHA), ascending. A KV group g owns
     query heads g*G .. g*G+G-1, which own q rows / o columns head*head_dim .. +head_dim-1.
-    Biases of row-pruned projections share the rows' map. A block that keeps all its
-    units (attention at a low ratio) gets no maps: a map always removes something.
+    Biases of row-pruned projections share the rows' map. A fused projection's map is its
+    segments' maps, each shifted by the segment's start. A block that keeps all its units
+    (attention at a low ratio) gets no maps: a map always removes something.
     """
     hd, G = arch.head_dim, arch.group_size
     by_kind = {
@@ -67,13 +97,11 @@ def layer_index_maps(
         "channel": len(kept_channels) == arch.intermediate_size,
     }
     maps: dict[str, torch.Tensor] = {}
-    for role, dim, kind in ATTENTION_ROLES + MLP_ROLES:
-        if whole[kind]:
+    for name, segments in coupled_slices(arch, layer).items():
+        if name not in tensor_names or all(whole[kind] for _, kind, _, _ in segments):
             continue
-        module = arch.family.module(layer, role)
-        maps[f"{module}.weight:{dim}"] = by_kind[kind]
-        if dim == 0 and f"{module}.bias" in tensor_names:
-            maps[f"{module}.bias:0"] = by_kind[kind]
+        dim = segments[0][0]
+        maps[f"{name}:{dim}"] = torch.cat([by_kind[kind] + start for _, kind, start, _ in segments])
     return {k: v.to(torch.int64).clone() for k, v in maps.items()}  # one tensor per key, for safetensors
 
 
@@ -93,15 +121,29 @@ def slice_tensor(t: torch.Tensor, name: str, maps: dict[str, torch.Tensor]) -> t
 def count_parameters(arch: ArchSpec, layers: list[LayerDims]) -> int:
     """Parameters of a model with these per-layer dims, counted as transformers does (tied once).
 
-    Embeddings, lm_head (unless tied), final norm, and per layer: q/k/v/o, gate/up/down,
-    their biases (Qwen2 q/k/v; attention_bias / mlp_bias), two norms, and per-head norms.
+    Embeddings, lm_head (unless tied), final norm, and per layer: q/k/v/o, gate/up/down
+    (fused or not), their biases (Qwen2 q/k/v; attention_bias / mlp_bias), the family's
+    hidden-size norms, and per-head norms.
     """
     h, hd = arch.hidden_size, arch.head_dim
     total = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2) + h
     for d in layers:
         q, kv, inter = d.heads[1] * hd, d.kv_heads[1] * hd, d.intermediate[1]
         rows = {"q": q, "k": kv, "v": kv, "o": h, "gate": inter, "up": inter, "down": h}
-        total += 2 * h * q + 2 * h * kv + 3 * h * inter + 2 * h
+        total += 2 * h * q + 2 * h * kv + 3 * h * inter + arch.family.layer_norms * h
         total += sum(rows[r] for r in arch.bias_roles)
         total += len(arch.family.head_norms) * hd
     return total
+
+
+def linear_shapes(arch: ArchSpec, d: LayerDims) -> list[tuple[int, int]]:
+    """[out, in] of each distinct projection module of one layer (a fused one once, its rows summed)."""
+    h, hd = arch.hidden_size, arch.head_dim
+    q, kv, inter = d.heads[1] * hd, d.kv_heads[1] * hd, d.intermediate[1]
+    shape = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (inter, h), "up": (inter, h), "down": (h, inter)}
+    out: dict[str, tuple[int, int]] = {}
+    for role, module in arch.family.modules.items():
+        rows, cols = shape[role]
+        prev = out.get(module)
+        out[module] = (rows + prev[0], cols) if prev else (rows, cols)
+    return list(out.values())

@@ -3,8 +3,10 @@
 transformers builds every layer from one config, so a non-uniform model is made by
 building the original architecture on the meta device (no memory), swapping in
 smaller Linear modules for the pruned layers, then loading the bundle's tensors
-straight into place. Attention stays correct because whole KV groups are pruned:
-H / H_kv, the only head count the attention forward uses, is unchanged.
+straight into place. Attention stays correct because whole KV groups are pruned, so
+H / H_kv is unchanged; where a forward reads the head counts themselves (Phi-3 splits
+its fused qkv by ``config.num_attention_heads``), the pruned layer's attention gets its
+own counts (module attributes and a per-layer view of the config).
 """
 
 from __future__ import annotations
@@ -54,8 +56,7 @@ def _compute_dtype(requested: str | torch.dtype | None, recorded: str, device: s
 def _shrink_layer(model: nn.Module, bundle: Bundle, dims: LayerDims, shapes: dict[str, tuple[int, ...]]) -> None:
     """Replace the Linear modules of one pruned layer with ones of the bundle's shapes (on meta)."""
     family = bundle.arch.family
-    for role in family.modules:
-        path = family.module(dims.index, role)
+    for path in family.projections(dims.index):
         parent_path, attr = path.rsplit(".", 1)
         parent = model.get_submodule(parent_path)
         old: nn.Linear = getattr(parent, attr)
@@ -65,6 +66,34 @@ def _shrink_layer(model: nn.Module, bundle: Bundle, dims: LayerDims, shapes: dic
     mlp = model.get_submodule(family.module(dims.index, "gate").rsplit(".", 1)[0])
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = dims.intermediate[1]
+    # Head counts an attention forward may read: its own attributes, or the shared config
+    # (Phi-3 splits qkv at config.num_attention_heads * head_dim).
+    attn = model.get_submodule(family.module(dims.index, "o").rsplit(".", 1)[0])
+    heads = {"num_attention_heads": dims.heads[1], "num_key_value_heads": dims.kv_heads[1]}
+    for attr, value in (("num_heads", dims.heads[1]), ("num_key_value_heads", dims.kv_heads[1])):
+        if hasattr(attn, attr):
+            setattr(attn, attr, value)
+    if getattr(attn, "config", None) is not None:
+        attn.config = LayerConfig(attn.config, heads)
+
+
+class LayerConfig:
+    """The model's config as one pruned layer sees it: its own head counts, all else shared and live."""
+
+    def __init__(self, shared: object, own: dict[str, int]) -> None:
+        object.__setattr__(self, "_shared", shared)
+        object.__setattr__(self, "_own", dict(own))
+
+    def __getattr__(self, name: str):  # only called for names not set on the instance
+        if name.startswith("__") or name in ("_shared", "_own"):  # copy/pickle probes before __init__
+            raise AttributeError(name)
+        return self._own[name] if name in self._own else getattr(self._shared, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in self._own:
+            self._own[name] = value
+        else:
+            setattr(self._shared, name, value)
 
 
 def load_pruned_model(
@@ -142,12 +171,14 @@ def load_pruned_model(
             setattr(parent, attr, nn.Parameter(tensor, requires_grad=getattr(parent, attr).requires_grad))
     if b.arch.tie_word_embeddings:
         model.tie_weights()
-    # Non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild them for real.
+    # Non-persistent buffers (rotary inv_freq, Gemma's embed_scale) are not in checkpoints: rebuild them for real.
     for path, module in list(model.named_modules()):
         if type(module).__name__.endswith("RotaryEmbedding"):
             parent_path, _, attr = path.rpartition(".")
             fresh = type(module)(config=model.config).to(device)
             setattr(model.get_submodule(parent_path) if parent_path else model, attr, fresh)
+        elif hasattr(module, "scalar_embed_scale") and module.embed_scale.is_meta:  # Gemma: sqrt(hidden) scale
+            module.embed_scale = torch.full_like(module.embed_scale, module.scalar_embed_scale, device=device)
     leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if leftover:
         raise BundleError(f"{b.path}: the bundle's weights lack {leftover[0]}; re-create the bundle")

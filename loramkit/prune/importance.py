@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..families import ATTENTION_ROLES, MLP_ROLES, ArchSpec
+from ..families import ArchSpec
+from ..families.geometry import coupled_slices
 
 
 def unit_sums(t: torch.Tensor, dim: int, units: int) -> torch.Tensor:
@@ -29,15 +30,14 @@ def group_scores(
     """
     kv = torch.zeros(arch.num_key_value_heads, dtype=torch.float64)
     ch = torch.zeros(arch.intermediate_size, dtype=torch.float64)
-    for roles, acc in ((ATTENTION_ROLES, kv), (MLP_ROLES, ch)):
-        for role, dim, _kind in roles:
-            module = arch.family.module(layer, role)
-            for name, d in ((f"{module}.weight", dim), (f"{module}.bias", 0)):
-                if name.endswith(".bias") and dim != 0:
-                    continue  # o/down biases live in hidden space, shared by all units
-                score = elementwise(name)
-                if score is not None:
-                    acc += unit_sums(score, d, acc.numel())
+    acc_of = {"query": kv, "kv": kv, "channel": ch}
+    for name, segments in coupled_slices(arch, layer).items():
+        score = elementwise(name)
+        if score is None:
+            continue
+        for d, kind, start, length in segments:  # a fused projection: each role's rows apart
+            acc = acc_of[kind]
+            acc += unit_sums(score.narrow(d, start, length), d, acc.numel())
     return kv, ch
 
 

@@ -86,7 +86,7 @@ def quantize_bundle(
     storage_name = "float16" if m["weights"]["dtype"] == "float16" else "bfloat16"
     storage = _TORCH_DTYPES[storage_name]
     family = b.arch.family
-    modules = [family.module(i, role) for i in range(b.arch.num_hidden_layers) for role in family.modules]
+    modules = [m for i in range(b.arch.num_hidden_layers) for m in family.projections(i)]  # a fused one once
     section = qformat.section(quant_type, blocksize, double_quant, compute_dtype, modules)
     targets = {f"{mod}.weight": mod for mod in modules}
 

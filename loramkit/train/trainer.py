@@ -17,7 +17,7 @@ from ..bundle import Bundle
 from ..bundle.fsutil import staged_dir, write_json
 from ..bundle.manifest import ADAPTER_RECORD_NAME as ADAPTER_RECORD
 from ..errors import LoramError
-from .config import TrainConfig
+from .config import DEFAULT_TARGETS, TrainConfig
 from .data import data_digest, load_examples, load_examples_with_stats
 from .loop import BatchPlan, peak_memory_bytes, run_loop
 from .setup import enable_activation_checkpointing, load_tokenizer, start_run
@@ -93,7 +93,9 @@ def train(
     model = load_pruned_model(b, dtype=compute, compute_dtype=compute, device=dev)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model, input_grads=True)
-    targets = list(config.target_modules) + (["lm_head"] if config.lm_head else [])
+    # The default names the seven separate projections; a family with fused ones (Phi-3) has its own names.
+    modules = b.arch.family.lora_targets if tuple(config.target_modules) == DEFAULT_TARGETS else config.target_modules
+    targets = list(modules) + (["lm_head"] if config.lm_head else [])
     lora = peft.LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
         use_rslora=config.rslora, task_type="CAUSAL_LM",

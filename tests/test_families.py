@@ -1,0 +1,172 @@
+"""The families added after LLaMA/Mistral/Qwen: Gemma 2, Gemma 3 (text) and Phi-3.
+
+What the parametrized suites (prune, load, recover, merge, quantize, validate) do not say:
+- reference configs: loramkit's parameter count equals transformers' own model built from
+  the published config (on the meta device), and the published totals; `loramkit plan` works;
+- Phi-3's fused projections against an independent oracle: the same weights split into a
+  Mistral model (separate q/k/v and gate/up, same sliding window) compute the same logits,
+  and pruning either one keeps the same units for every importance;
+- train -> recover -> merge end to end on each new family, through the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loramkit.cli import run
+from loramkit.families import ArchSpec
+from loramkit.families.geometry import count_parameters
+from loramkit.families.pruning_rules import plan_layers
+from loramkit.model.loader import load_pruned_model
+from loramkit.prune.pruner import prune
+from tests.factory import VOCAB_SIZE, sample_texts, tiny_tokenizer
+from tests.lora_helpers import ids, load_base, peft_on_base, read_adapter
+from tests.tolerance import assert_close_eps
+
+DATA = Path(__file__).parent / "data"
+
+# name -> (published total in billions, as the model cards round it; where the card counts
+# more than the text model, the technical report's non-embedding count in millions instead).
+PUBLISHED = {
+    "gemma-2-9b": ("total_b", 9.24),
+    "gemma-3-12b-text": ("non_embedding_m", 10_759),  # Gemma 3 report, table 1 (the card's 12.2B has the vision tower)
+    "phi-3-mini-4k": ("total_b", 3.82),
+    "phi-3-medium-4k": ("total_b", 13.96),
+}
+
+
+def _transformers_count(config: dict) -> int:
+    """Parameters of transformers' own model for ``config``, built on the meta device (tied counted once)."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_reference_config_counts(name, capsys):
+    config = json.loads((DATA / f"{name}.json").read_text())
+    arch = ArchSpec.from_config(config)
+    full = count_parameters(arch, plan_layers(arch, 0.0)[0])
+    assert full == _transformers_count(config)
+    kind, published = PUBLISHED[name]
+    if kind == "total_b":
+        assert round(full / 1e9, 2) == published
+    else:
+        assert round((full - arch.vocab_size * arch.hidden_size) / 1e6) == published
+    pruned = count_parameters(arch, plan_layers(arch, 0.5)[0])
+    assert pruned < full
+    assert run(["plan", str(DATA / f"{name}.json"), "--ratio", "0.5", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert (p["original_parameters"], p["pruned_parameters"]) == (full, pruned)
+
+
+# ----------------------------------------------------------------------------- Phi-3 as Mistral
+
+
+def _phi3_as_mistral(phi3_dir: Path, out: Path) -> Path:
+    """The Phi-3 base rewritten as a Mistral checkpoint: qkv_proj -> q/k/v_proj, gate_up_proj -> gate/up_proj.
+
+    The split follows transformers' Phi3Attention ([Q | K | V] rows) and Phi3MLP (chunk(2): gate first).
+    """
+    cfg = json.loads((phi3_dir / "config.json").read_text())
+    heads, kv, hidden = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
+    hd, inter = hidden // heads, cfg["intermediate_size"]
+    tensors = load_file(str(phi3_dir / "model.safetensors"))
+    split: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if ".qkv_proj." in name:
+            q, k, v = t.split([heads * hd, kv * hd, kv * hd])
+            for part, w in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                split[name.replace("qkv_proj", part)] = w.contiguous()
+        elif ".gate_up_proj." in name:
+            gate, up = t.split([inter, inter])
+            split[name.replace("gate_up_proj", "gate_proj")] = gate.contiguous()
+            split[name.replace("gate_up_proj", "up_proj")] = up.contiguous()
+        else:
+            split[name] = t
+    out.mkdir(parents=True)
+    save_file(split, str(out / "model.safetensors"), metadata={"format": "pt"})
+    keep = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+            "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "sliding_window",
+            "tie_word_embeddings", "bos_token_id", "eos_token_id", "initializer_range", "torch_dtype")  # fmt: skip
+    mistral = {k: cfg[k] for k in keep if k in cfg} | {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": cfg["hidden_act"]}
+    (out / "config.json").write_text(json.dumps(mistral))
+    tiny_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def phi3_pair(make_base_dir, tmp_path_factory) -> tuple[Path, Path]:
+    phi3 = make_base_dir("phi3")
+    return phi3, _phi3_as_mistral(phi3, tmp_path_factory.mktemp("as_mistral") / "base")
+
+
+def test_phi3_split_into_mistral_computes_the_same(phi3_pair):
+    phi3, mistral = phi3_pair
+    x = ids(3, 24)  # longer than the sliding window (12)
+    with torch.no_grad():
+        a = load_base(phi3, torch.float64)(x).logits
+        b = load_base(mistral, torch.float64)(x).logits
+    assert_close_eps(b, a, 2**6, torch.float64, "Phi-3 vs its Mistral split:")
+
+
+@pytest.mark.parametrize("importance", ["random", "magnitude", "taylor", "activation"])
+def test_phi3_keeps_what_its_mistral_split_keeps(phi3_pair, tmp_path, importance):
+    """Same units for every importance, and the pruned models compute the same (fused segments sliced right)."""
+    phi3, mistral = phi3_pair
+    kw: dict = dict(importance=importance, show_progress=False, seed=4)
+    if importance in ("taylor", "activation"):
+        calib = tmp_path / "calib.txt"
+        calib.write_text("\n\n".join(sample_texts(24, seed=9)))
+        kw |= dict(calibration=calib, calibration_samples=4, calibration_seq_len=32)
+    prune(phi3, tmp_path / "p", 0.5, **kw)
+    prune(mistral, tmp_path / "m", 0.5, **kw)
+    maps_p = load_file(str(tmp_path / "p" / "kept_indices.safetensors"))
+    maps_m = load_file(str(tmp_path / "m" / "kept_indices.safetensors"))
+    assert maps_p and {k for k in maps_p if "o_proj" in k or "down_proj" in k} == {k for k in maps_m if "o_proj" in k or "down_proj" in k}
+    for key, kept in maps_p.items():
+        if key.endswith(":1"):  # o_proj / down_proj columns: the kept groups and channels themselves
+            assert torch.equal(kept, maps_m[key]), key
+    x = ids(3, 24)
+    with torch.no_grad():
+        a = load_pruned_model(tmp_path / "p", dtype=torch.float64)(x).logits
+        b = load_pruned_model(tmp_path / "m", dtype=torch.float64)(x).logits
+    assert_close_eps(b, a, 2**6, torch.float64, "pruned Phi-3 vs pruned Mistral split:")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("case", ["gemma2", "gemma3", "phi3"])
+def test_train_recover_merge_end_to_end(make_base_dir, tmp_path, case):
+    base = make_base_dir(case)
+    data = tmp_path / "train.txt"
+    data.write_text("\n\n".join(sample_texts(48, seed=2)))
+    b, adapter, rec, merged = (tmp_path / n for n in ("bundle", "adapter", "recovered", "merged"))
+    assert run(["prune", str(base), "--out", str(b), "--ratio", "0.5", "--importance", "magnitude"]) == 0
+    assert run(["validate", str(b)]) == 0
+    assert run(["train", str(b), "--data", str(data), "--out", str(adapter), "--max-steps", "3", "--rank", "4",
+                "--seq-len", "32", "--micro-batch", "4", "--lr", "1e-2", "--precision", "fp32"]) == 0  # fmt: skip
+    cfg, small = read_adapter(adapter)
+    targets = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} if case == "phi3" else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(cfg["target_modules"]) == targets
+    assert run(["recover", str(adapter), "--bundle", str(b), "--out", str(rec)]) == 0
+    assert run(["recover", str(adapter), "--bundle", str(b), "--out", str(tmp_path / "r2"), "--merge", "--base", str(base),
+                "--merged-out", str(merged)]) == 0  # fmt: skip
+    model = peft_on_base(base, rec)  # strict: no missing or unexpected keys, no warnings
+    x = ids(2, 20, VOCAB_SIZE)
+    with torch.no_grad():
+        adapted = model(x).logits
+        with model.disable_adapter():
+            plain = model(x).logits
+        merged_logits = load_base(merged)(x).logits
+    assert (adapted - plain).abs().max() > 1e-4, "training changed nothing"
+    assert_close_eps(merged_logits, adapted, 2**8, torch.float32, "merged vs PeftModel(base, recovered):")

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 from datetime import date
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import peak_rss_of, pyplot  # noqa: E402
+from _measure import machine, measure, peak_rss_of, pyplot  # noqa: E402
 from streaming import LLAMA_32_1B, write_base  # noqa: E402
 
 from loramkit.demo import _tokenizer, general_texts  # noqa: E402
@@ -54,7 +51,7 @@ def main() -> None:
     floor, _ = peak_rss_of([py, "-c", "import loramkit.train.trainer, loramkit.quant, transformers, peft, bitsandbytes"])
     result = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine(),
         "model": f"LLaMA-3.2-1B shape (1.24B parameters, bf16), ratio {args.ratio}, {args.steps} steps",
         "import_floor_rss": floor,
         "shapes": {},
@@ -67,13 +64,16 @@ def main() -> None:
         runs = measure(py, base, data, bundle, nf4, args.steps, mb, seq_len, work)
         result["shapes"][shape] = runs
         ref = runs["PEFT LoRA, full model (bf16)"]
+        gpu = ref.get("cuda_peak") is not None  # on a GPU machine: its peak and ratios
         lines += [f"## micro-batch {mb} x {seq_len} tokens", "",
-                  "| run | peak RSS | above floor | vs PEFT LoRA (above floor) | tokens/s | vs PEFT LoRA |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+                  "| run | peak RSS | above floor | vs PEFT LoRA (above floor) |"
+                  + (" CUDA peak | vs PEFT LoRA (CUDA) |" if gpu else "") + " tokens/s | vs PEFT LoRA |",
+                  "|---|---|---|---|" + ("---|---|" if gpu else "") + "---|---|"]  # fmt: skip
         for name, r in runs.items():
+            cuda = f" {mib(r['cuda_peak'])} | {r['cuda_peak'] / ref['cuda_peak']:.2f}x |" if gpu else ""
             lines.append(
                 f"| {name} | {mib(r['peak_rss'])} | {mib(r['peak_rss'] - floor)} | "
-                f"{(r['peak_rss'] - floor) / (ref['peak_rss'] - floor):.2f}x | {r['tokens_per_second']:,.1f} | "
+                f"{(r['peak_rss'] - floor) / (ref['peak_rss'] - floor):.2f}x |{cuda} {r['tokens_per_second']:,.1f} | "
                 f"{r['tokens_per_second'] / ref['tokens_per_second']:.2f}x |"
             )
         lines.append("")
@@ -124,16 +124,16 @@ def measure(py: str, base: Path, data: Path, bundle: Path, nf4: Path, steps: int
 
     def script(name: str, script_file: str, model: Path, *extra: str) -> None:
         out = work / f"{script_file}{''.join(extra)}.json"
-        rss, _ = peak_rss_of([py, str(ROOT / "bench" / script_file), str(model), str(data), str(steps), str(mb),
-                              str(seq_len), str(out), *extra], env=env)  # fmt: skip
-        runs[name] = {"peak_rss": rss, **json.loads(out.read_text())}
+        m = measure([py, str(ROOT / "bench" / script_file), str(model), str(data), str(steps), str(mb),
+                     str(seq_len), str(out), *extra], env=env)  # fmt: skip
+        runs[name] = {"peak_rss": m.rss, "cuda_peak": m.cuda, **json.loads(out.read_text())}
 
     def loramkit_train(name: str, b: Path) -> None:
         adapter = work / f"adapter-{b.name}"
-        rss, _ = peak_rss_of([py, "-m", "loramkit", "train", str(b), "--data", str(data), "--out", str(adapter), *common])
+        m = measure([py, "-m", "loramkit", "train", str(b), "--data", str(data), "--out", str(adapter), *common])
         s = json.loads((adapter / "loram_adapter.json").read_text())["training"]["summary"]
-        runs[name] = {"peak_rss": rss, "steps": s["steps"], "tokens": s["tokens"], "seconds": s["seconds"],
-                      "tokens_per_second": s["tokens_per_second"]}  # fmt: skip
+        runs[name] = {"peak_rss": m.rss, "cuda_peak": m.cuda, "steps": s["steps"], "tokens": s["tokens"],
+                      "seconds": s["seconds"], "tokens_per_second": s["tokens_per_second"], "precision": s["precision"]}  # fmt: skip
 
     script("PEFT LoRA, full model (bf16)", "_peft_baseline.py", base)
     script("PEFT QLoRA, full model (NF4)", "_peft_baseline.py", base, "nf4")

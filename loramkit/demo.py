@@ -155,10 +155,12 @@ def build_base(workdir: Path, log=print, precision: str = "auto") -> Path:
     """The pre-trained demo base, built once per work directory."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from .precision import resolve_precision
     from .train.data import load_examples
 
     base_dir = workdir / "base"
-    stamp = json.dumps({"config": DEMO_CONFIG, "pretrain": PRETRAIN, "precision": precision})
+    resolved = resolve_precision(precision, torch.device("cpu")).name  # a base pre-trained otherwise is rebuilt
+    stamp = json.dumps({"config": DEMO_CONFIG, "pretrain": PRETRAIN, "precision": resolved})
     if (base_dir / "demo.json").is_file() and (base_dir / "demo.json").read_text() == stamp:
         log(f"base model: {base_dir} (cached)")
         return base_dir
@@ -219,7 +221,7 @@ def run(workdir: Path, *, ratio: float = 0.5, steps: int = 120, precision: str =
     prec = resolve_precision(precision, torch.device("cpu"))
     log(f"precision: {prec.describe()}")
     workdir.mkdir(parents=True, exist_ok=True)
-    base_dir = build_base(workdir, log, prec.name)
+    base_dir = build_base(workdir, log, precision)
     data = workdir / "data"
     (data / "task-train.txt").write_text("\n\n".join(task_texts(600, seed=1)))
     (data / "task-heldout.txt").write_text("\n\n".join(task_texts(80, seed=2)))

@@ -249,3 +249,43 @@ def test_eval_command_measures_models_adapters_and_bundles(bundle, text_file, tm
     assert run(["eval", str(base), "--adapter", str(tmp_path / "a"), "--data", str(text_file)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "recover it first" in err[0]
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--alpha", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--lr", "0"), ("--max-steps", "0"), ("--rank", "0"),
+     ("--dropout", "1"), ("--epochs", "0"), ("--weight-decay", "-0.1"), ("--eval-split", "1"), ("--micro-batch", "0"),
+     ("--warmup-steps", "-1"), ("--seq-len", "1")],
+)  # fmt: skip
+def test_cli_refuses_out_of_range_numbers_with_one_line_and_no_output(bundle, text_file, tmp_path, capsys, option, value):
+    from loramkit.cli import run
+
+    _, b = bundle
+    rc = run(["train", str(b), "--data", str(text_file), "--out", str(tmp_path / "a"), "--max-steps", "1", option, value])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.count("\n") == 0 and err.startswith(f"error: {option} must be"), err
+    assert list(tmp_path.iterdir()) == [], "nothing may be written"
+
+
+def test_align_config_refuses_out_of_range_numbers():
+    from loramkit.train.config import AlignConfig
+
+    for kw, option in [(dict(lr=float("nan")), "--lr"), (dict(max_grad_norm=float("inf")), "--max-grad-norm"),
+                       (dict(max_steps=0), "--max-steps"), (dict(tokens=0), "--tokens"), (dict(log_every=-1), "--log-every")]:  # fmt: skip
+        with pytest.raises(LoramError, match=f"^{option} must be"):
+            AlignConfig(**kw).check()
+    AlignConfig().check()
+    TrainConfig().check()
+
+
+def test_resume_from_a_truncated_checkpoint_is_one_clear_error(bundle, text_file, tmp_path):
+    from loramkit.train import checkpoint
+
+    _, b = bundle
+    train(b, text_file, tmp_path / "x", _cfg(max_steps=4, save_every=1), show_progress=False, stop_after=2)
+    newest = checkpoint.latest(tmp_path / "x.ckpt")
+    assert newest is not None
+    weights = newest / checkpoint.TENSORS_NAME
+    weights.write_bytes(weights.read_bytes()[:-40])  # a kill mid-copy, a full disk
+    with pytest.raises(LoramError, match="unreadable checkpoint .*delete it"):
+        train(b, text_file, tmp_path / "x", _cfg(max_steps=4, save_every=1), resume=True, show_progress=False)

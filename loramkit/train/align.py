@@ -76,15 +76,7 @@ def heldout_indices(n: int, fraction: float) -> list[int]:
 
 
 def _check(config: AlignConfig, world: int) -> None:
-    """What only alignment checks; the options every run shares are checked by ``start_run``."""
-    if config.tokens is not None and config.max_steps is not None:
-        raise LoramError("pass --tokens or --max-steps, not both")
-    if (config.tokens is not None and config.tokens < 1) or (config.max_steps is not None and config.max_steps < 1):
-        raise LoramError("--tokens and --max-steps must be at least 1")
-    if not 0 <= config.eval_split < 1:
-        raise LoramError("--eval-split must be in [0, 1)")
-    if config.lr <= 0 or config.warmup_steps < 0 or config.weight_decay < 0:
-        raise LoramError("--lr must be positive, --warmup-steps and --weight-decay not negative")
+    config.check()
     if config.fsdp and world < 2:
         raise LoramError("--fsdp shards the model over several processes; launch with torchrun --nproc_per_node N (N >= 2)")
 

@@ -9,15 +9,15 @@ so the newest complete one is always safe to resume from. It holds ``trainable.s
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..bundle.fsutil import staged_dir
 from ..errors import LoramError
 
 
@@ -66,21 +66,15 @@ def save(
         optimizer: an optimizer, or its (full) state dict.
         meta: JSON-serializable run state (identity, tokens seen, loss history).
     """
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".step-{step:07d}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    # Staged and renamed into place (the same helper as every output): the older checkpoints
+    # stay until the new one is whole, so there is never a moment without a valid checkpoint.
+    with staged_dir(root / f"step-{step:07d}", overwrite=True) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_NAME))
         opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
         opt_tensors, opt_rest = _flatten_optimizer(opt_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, **meta, "optimizer": opt_rest}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    final = root / f"step-{step:07d}"
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -97,6 +91,6 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str,
         meta = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / TENSORS_NAME))
         opt = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta.pop("optimizer"))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:  # truncated, edited
         raise LoramError(f"{path}: unreadable checkpoint ({exc}); delete it to resume from an earlier one") from None
     return tensors, opt, meta

@@ -1,9 +1,62 @@
-"""What a training run is told: one dataclass, every field a CLI option."""
+"""What a training run is told: one dataclass, every field a CLI option.
+
+Each config checks its own values (:meth:`TrainConfig.check`), so the CLI and the Python API
+refuse the same things with the same one-line message: a NaN or infinite learning rate would
+otherwise train to NaN and exit 0, and ``max_steps=0`` would mean "no limit".
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from ..errors import LoramError
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _require(config: Any, rules: dict[str, tuple[str, Any]]) -> None:
+    """``rules``: field -> (what it must be, predicate on the value); the first failure raises."""
+    for name, (what, ok) in rules.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not ok(value):
+            raise LoramError(f"{_option(name)} must be {what}, got {value!r}")
+
+
+def _int(lo: int) -> Any:
+    return lambda v: isinstance(v, int) and v >= lo
+
+
+def _real(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = True) -> Any:
+    def ok(v: Any) -> bool:
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    return ok
+
+
+def _optional(ok: Any) -> Any:
+    return lambda v: v is None or ok(v)
+
+
+# Checks both configs share: the step loop's options.
+_LOOP_RULES = {
+    "lr": ("a finite number > 0", _real(0, lo_open=True)),
+    "warmup_steps": ("an integer >= 0", _int(0)),
+    "weight_decay": ("a finite number >= 0", _real(0)),
+    "max_steps": ("an integer >= 1 (or unset)", _optional(_int(1))),
+    "micro_batch": ("an integer >= 1", _int(1)),
+    "grad_accum": ("an integer >= 1", _int(1)),
+    "seq_len": ("an integer >= 2", _int(2)),
+    "seed": ("an integer >= 0", _int(0)),
+    "eval_split": ("a fraction in [0, 1)", _real(0, 1)),
+    "eval_every": ("an integer >= 0", _int(0)),
+    "save_every": ("an integer >= 0", _int(0)),
+}
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -38,6 +91,18 @@ class TrainConfig:
     keep_checkpoints: bool = False
     data_format: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise :class:`LoramError` naming the first option out of range."""
+        _require(self, {
+            "rank": ("an integer >= 1", _int(1)),
+            "alpha": ("a finite number > 0", _real(0, lo_open=True)),
+            "dropout": ("a fraction in [0, 1)", _real(0, 1)),
+            "epochs": ("a finite number > 0", _real(0, lo_open=True)),
+            **_LOOP_RULES,
+        })  # fmt: skip
+        if not self.target_modules:
+            raise LoramError("--target must name at least one module")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -76,6 +141,17 @@ class AlignConfig:
     keep_checkpoints: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
     log_every: int = 50  # progress line every N steps when no progress bar is shown (0: never)
+
+    def check(self) -> None:
+        """Raise :class:`LoramError` naming the first option out of range."""
+        _require(self, {
+            "max_grad_norm": ("a finite number >= 0 (0: no clipping)", _optional(_real(0))),
+            "tokens": ("an integer >= 1 (or unset)", _optional(_int(1))),
+            "log_every": ("an integer >= 0", _int(0)),
+            **_LOOP_RULES,
+        })  # fmt: skip
+        if self.tokens is not None and self.max_steps is not None:
+            raise LoramError("pass --tokens or --max-steps, not both")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

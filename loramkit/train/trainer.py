@@ -25,14 +25,6 @@ from .setup import enable_activation_checkpointing, load_tokenizer, start_run
 __all__ = ["BatchPlan", "adapter_record", "peak_memory_bytes", "train"]
 
 
-def _check(config: TrainConfig) -> None:
-    """What only LoRA training checks; the options every run shares are checked by ``start_run``."""
-    if config.rank < 1:
-        raise LoramError("--rank must be at least 1")
-    if not 0 <= config.eval_split < 1:
-        raise LoramError("--eval-split must be in [0, 1)")
-
-
 def train(
     bundle: str | Path | Bundle,
     data: str | Path,
@@ -65,7 +57,7 @@ def train(
 
     config = config or TrainConfig()
     b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
-    _check(config)
+    config.check()
     run = start_run(out, command="train", precision=config.precision, device=device, overwrite=overwrite, resume=resume,
                     seq_len=config.seq_len, micro_batch=config.micro_batch, grad_accum=config.grad_accum,
                     model_max_len=b.config.get("max_position_embeddings"), log=log)  # fmt: skip

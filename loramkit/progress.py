@@ -29,15 +29,20 @@ def enabled(requested: bool = True) -> bool:
 
 
 @contextmanager
-def task(description: str, total: float, unit: str = "bytes", show: bool = True) -> Iterator[Callable[[float], None]]:
-    """Yield ``advance(n)``; shows a bar with rate and ETA (bytes/s for bytes, items otherwise)."""
+def task(
+    description: str, total: float, unit: str = "bytes", show: bool = True, transient: bool = False
+) -> Iterator[Callable[[float], None]]:
+    """Yield ``advance(n)``; shows a bar with rate and ETA (bytes/s for bytes, items otherwise).
+
+    ``transient``: the bar disappears when done (steps inside a larger one, such as hashing).
+    """
     if not enabled(show):
         yield lambda n: None
         return
     columns = [TextColumn("{task.description}"), BarColumn()]
     columns += [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
     columns.append(TimeRemainingColumn())
-    with Progress(*columns, console=_console, transient=False) as bar:
+    with Progress(*columns, console=_console, transient=transient) as bar:
         tid = bar.add_task(description, total=total)
         yield lambda n: bar.advance(tid, n)
 

@@ -428,3 +428,81 @@ def test_run_usage_error_returns_2_in_process(capsys, base, tmp_path):
     rc, _, err = run_cli(capsys, "prune", base, "--out", tmp_path / "b", "--ratio", "0.5", "--bogus")
     assert rc == 2 and "--bogus" in err
     assert_nothing_written(tmp_path, "b")
+
+
+# ---------------------------------------------------------------------------- --json and choices
+
+SUMMARY_COMMANDS = ("prune", "validate", "quantize", "train", "recover", "align", "publish", "eval", "inspect", "plan")
+
+
+@pytest.mark.parametrize("command", SUMMARY_COMMANDS)
+def test_every_summary_command_takes_json(capsys, command):
+    rc, out, _ = run_cli(capsys, command, "--help")
+    assert rc == 0 and "--json" in out
+
+
+def run_json(capsys, *args: object) -> tuple[int, dict]:
+    """Run with --json: stdout must be exactly one JSON object (messages and progress go to stderr)."""
+    rc, out, err = run_cli(capsys, *args, "--json")
+    assert "Traceback" not in err, err
+    s = json.loads(out)
+    assert isinstance(s, dict)
+    return rc, s
+
+
+def test_prune_and_quantize_json_is_the_bundle_summary(capsys, base, tmp_path):
+    rc, s = run_json(capsys, "prune", base, "--out", tmp_path / "b", "--ratio", "0.5")
+    m = manifest(tmp_path / "b")
+    assert rc == 0 and s["bundle_id"] == m["bundle_id"] and s["parameters"] == m["parameters"]
+    assert s["path"] == str(tmp_path / "b") and s["quantization"] is None
+    assert run_json(capsys, "inspect", tmp_path / "b")[1] == s  # the same object inspect --json prints
+    rc, q = run_json(capsys, "quantize", tmp_path / "b", "--out", tmp_path / "q", "--type", "fp4")
+    assert rc == 0 and q["quantization"]["quant_type"] == "fp4" and q["bundle_id"] == manifest(tmp_path / "q")["bundle_id"]
+    assert q["parameters"] == s["parameters"] and q["quantized_bytes"]["4bit"] > 0
+
+
+def test_validate_json(capsys, bundle, tmp_path):
+    m = manifest(bundle)
+    rc, s = run_json(capsys, "validate", bundle)
+    assert rc == 0 and s["sound"] is True and s["problems"] == []
+    assert (s["format_version"], s["bundle_id"]) == (m["format_version"], m["bundle_id"])
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    rc, s = run_json(capsys, "validate", copy)
+    assert rc == 1 and s["sound"] is False  # the exit code still says it
+    assert len(s["problems"]) == 1 and "model.safetensors" in s["problems"][0]
+
+
+def test_recover_json(capsys, bundle, adapter, base, tmp_path):
+    rc, s = run_json(capsys, "recover", adapter, "--out", tmp_path / "a", "--bundle", bundle)
+    assert rc == 0 and s["out"] == str(tmp_path / "a") and s["merged"] is None
+    assert s["bundle_id"] == manifest(bundle)["bundle_id"] and s["modules"] > 0
+    rc, s = run_json(capsys, "recover", adapter, "--out", tmp_path / "b", "--bundle", bundle,
+                     "--merge", "--base", base, "--merged-out", tmp_path / "m")  # fmt: skip
+    assert rc == 0 and s["merged"] == str(tmp_path / "m") and (tmp_path / "m" / "config.json").is_file()
+
+
+def test_plan_json(capsys, base):
+    rc, s = run_json(capsys, "plan", base / "config.json", "--ratio", "0.5", "--quantize", "fp4")
+    assert rc == 0 and [m["method"] for m in s["methods"]] == ["full fine-tuning", "LoRA", "QLoRA", "LoRAM", "QLoRAM"]
+
+
+@pytest.mark.parametrize("args", [("plan", "{config}", "--ratio", "0.5", "--quantize", "int4"),
+                                  ("prune", "{base}", "--out", "{tmp}/b", "--ratio", "0.5", "--quantize", "int4"),
+                                  ("quantize", "{bundle}", "--out", "{tmp}/q", "--type", "int4")])  # fmt: skip
+def test_choices_are_enums(capsys, base, bundle, tmp_path, args):
+    """An unknown choice is a usage error (exit 2) that lists the choices, before any work."""
+    fill = dict(config=base / "config.json", base=base, bundle=bundle, tmp=tmp_path)
+    rc, out, err = run_cli(capsys, *(a.format(**fill) for a in args))
+    assert rc == 2 and out == "" and "'int4' is not one of 'nf4', 'fp4'" in err, err
+    assert_nothing_written(tmp_path, "b", "q")
+
+
+def test_data_format_choices_match_the_library():
+    from loramkit.cli._common import DataFormat
+    from loramkit.train.data import FORMATS
+
+    assert [f.value for f in DataFormat] == ["auto", *FORMATS]

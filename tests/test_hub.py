@@ -118,6 +118,10 @@ def test_republishing_an_unchanged_bundle_makes_no_commit(hub, cache, bundle, ca
     rc, out, _ = _publish(hub, bundle, capsys)
     assert rc == 0 and "up to date" in out
     assert hub.head(REPO) == head and len(_commits(hub)) == commits
+    rc, out, _ = _publish(hub, bundle, capsys, "--json")  # one JSON object on stdout, the same facts
+    s = json.loads(out)
+    assert rc == 0 and (s["commit"], s["commit_url"], s["changed"], s["deleted"]) == (head, None, [], [])
+    assert s["tag"] == "loram-format-v1.1.0" and s["bundle_id"] == json.loads((bundle / "loram.json").read_text())["bundle_id"]
 
 
 def test_an_interrupted_upload_completes_on_rerun(hub, cache, bundle, capsys):

@@ -537,7 +537,7 @@ def test_cli_prune_quantize(shop, tmp_path, capsys):
     # same pruning, same quantization: the same weights as quantizing the pruned bundle
     assert m["files"]["model.safetensors"] == Bundle(shop.quantized()).manifest["files"]["model.safetensors"]
     rc = cli.run(["prune", str(shop.base()), "--out", str(tmp_path / "bad"), "--ratio", "0.5", "--quantize", "int4"])
-    assert rc == 1 and "nf4, fp4" in capsys.readouterr().err
+    assert rc == 2 and "'int4' is not one of 'nf4', 'fp4'" in capsys.readouterr().err  # a usage error, before any work
     assert _listing(tmp_path) == ["qloram"]
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .. import progress
 from ..errors import LoramError
 from ..families import ArchSpec
 from ..families.geometry import LayerDims, count_parameters, layer_index_maps, pruned_shape, unit_rows
@@ -201,22 +202,26 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
         for n in sorted(stored - names - state_keys):
             problems.append(f"weights hold {n}, which the base does not have")
         numel = 0
-        for n in sorted(stored & names):
-            info = ckpt.info(n)
-            want_shape = pruned_shape(tuple(base[n]["shape"]), n, expected_maps)
-            if n in quantized:  # counted by its logical shape (3.5); its state is checked below
-                numel += torch.Size(want_shape).numel()
-                problems += _quantized_problems(ckpt, quantized[n], want_shape, q, m["weights"]["dtype"], stored)
-                continue
-            numel += info.numel
-            want_dtype = base[n]["dtype"]
-            if q is not None and storage is not None and _is_float(want_dtype):
-                want_dtype = storage  # a 4-bit bundle stores every other floating tensor in 16 bits
-            if info.shape != want_shape or info.dtype != want_dtype:
-                problems.append(f"{n}: stored {info.dtype}{list(info.shape)}, expected {want_dtype}{list(want_shape)}")
-            elif unchanged_from_base and want_shape == tuple(base[n]["shape"]) and info.dtype == base[n]["dtype"]:
-                if tensor_sha256(ckpt.get(n)) != base[n]["sha256"]:
-                    problems.append(f"{n}: not pruned, yet differs from the base tensor it copies")
+        checked = sorted(stored & names)
+        total = sum(ckpt.info(n).nbytes for n in checked)
+        with progress.task("checking tensors", total, transient=True) as advance:  # re-hashes what the base holds unchanged
+            for n in checked:
+                info = ckpt.info(n)
+                advance(info.nbytes)
+                want_shape = pruned_shape(tuple(base[n]["shape"]), n, expected_maps)
+                if n in quantized:  # counted by its logical shape (3.5); its state is checked below
+                    numel += torch.Size(want_shape).numel()
+                    problems += _quantized_problems(ckpt, quantized[n], want_shape, q, m["weights"]["dtype"], stored)
+                    continue
+                numel += info.numel
+                want_dtype = base[n]["dtype"]
+                if q is not None and storage is not None and _is_float(want_dtype):
+                    want_dtype = storage  # a 4-bit bundle stores every other floating tensor in 16 bits
+                if info.shape != want_shape or info.dtype != want_dtype:
+                    problems.append(f"{n}: stored {info.dtype}{list(info.shape)}, expected {want_dtype}{list(want_shape)}")
+                elif unchanged_from_base and want_shape == tuple(base[n]["shape"]) and info.dtype == base[n]["dtype"]:
+                    if tensor_sha256(ckpt.get(n)) != base[n]["sha256"]:
+                        problems.append(f"{n}: not pruned, yet differs from the base tensor it copies")
     if numel != m["parameters"]["pruned"]:
         problems.append(f"parameters.pruned is {m['parameters']['pruned']:,}, the weights hold {numel:,}")
     if count_parameters(arch, layers) != m["parameters"]["pruned"]:

@@ -4,7 +4,10 @@ soft_wrap: a message is one line however long (paths, bundle ids), never wrapped
 columns when piped; markup off: text in [brackets] (paths, shapes) is printed as is.
 """
 
+import json
 import sys
+from enum import Enum
+from typing import Any
 
 from rich.console import Console
 
@@ -25,6 +28,30 @@ KeepCheckpoints = Annotated[bool, typer.Option(help="Keep OUT.ckpt/ after a succ
 Resume = Annotated[bool, typer.Option(help="Continue from the newest checkpoint in OUT.ckpt/.")]
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda when present].")]
 Overwrite = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
+# Every command that ends with a summary prints it as one JSON object on stdout instead.
+AsJson = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout (for scripts).")]
+
+
+def print_json(summary: dict[str, Any]) -> None:
+    """The --json output: one object, nothing else on stdout (progress and messages go to stderr)."""
+    print(json.dumps(summary, indent=2, default=str))  # default=str: paths
+
+
+from ..bundle.quantization import QUANT_TYPES  # noqa: E402  (no torch: the format's tables)
+
+# Choices as enums: typer lists them in --help and refuses others as a usage error (exit 2).
+# 4-bit data types, from the format's own table (bundle format 7.1).
+QuantType = Enum("QuantType", {t: t for t in QUANT_TYPES}, type=str)  # type: ignore[misc]
+
+
+class DataFormat(str, Enum):
+    """Training / evaluation data formats (loramkit.train.data.FORMATS, plus auto-detection)."""
+
+    auto = "auto"
+    text = "text"
+    jsonl_text = "jsonl-text"
+    instructions = "instructions"
+    chat = "chat"
 
 from ..precision import PrecisionChoice  # noqa: E402
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ._common import Endpoint, Token, console
+from ._common import AsJson, Endpoint, Token, console, print_json
 
 
 def summary(path: Path) -> dict[str, Any]:
@@ -78,15 +78,14 @@ def register(app: typer.Typer) -> None:
         bundle: Annotated[str, typer.Argument(help="Bundle directory or Hub repo id (org/name[@revision]).")],
         endpoint: Endpoint = None,
         token: Token = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+        as_json: AsJson = False,
     ) -> None:
         """Show what a bundle holds: base, dims per layer, parameters, bytes on disk."""
         from ..hub.resolve import bundle_dir
 
         s = summary(bundle_dir(bundle, endpoint=endpoint, token=token))
         if as_json:
-            print(json.dumps(s, indent=2))
-            return
+            return print_json(s)
         p, a, pr = s["parameters"], s["architecture"], s["pruning"]
         head: list[tuple[str, str]] = []  # plain lines, not a Table: long paths and ids are never cut
         head.append(("bundle", f"{s['path']}  (format {s['format_version']}, {s['created_by']})"))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from ..errors import LoramError
-from ._common import Endpoint, Token, console
+from ._common import AsJson, Endpoint, QuantType, Token, console, print_json
 
 
 def _config(base: str, endpoint: str | None, token: str | None) -> dict:
@@ -54,30 +53,27 @@ def register(app: typer.Typer) -> None:
     def plan_cmd(
         base: Annotated[str, typer.Argument(help="config.json, a model directory, or a Hub repo id (only config.json is fetched).")],
         ratio: Annotated[float, typer.Option(help="Pruning ratio for LoRAM / QLoRAM.")],
-        quantize: Annotated[str, typer.Option(help="4-bit type for QLoRA / QLoRAM: nf4 or fp4.")] = "nf4",
+        quantize: Annotated[QuantType, typer.Option(help="4-bit type for QLoRA / QLoRAM.")] = QuantType.nf4,
         keep_first: Annotated[Optional[int], typer.Option(help="Layers left intact at the start [default: 4, fewer when shallow].")] = None,
         keep_last: Annotated[Optional[int], typer.Option(help="Layers left intact at the end [default: 2, fewer when shallow].")] = None,
         lora_rank: Annotated[int, typer.Option(help="LoRA rank (all seven projections).")] = 8,
         seq_len: Annotated[int, typer.Option(help="Tokens per sequence, for the activation estimate.")] = 512,
         batch: Annotated[int, typer.Option(help="Sequences per micro-batch, for the activation estimate.")] = 1,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+        as_json: AsJson = False,
         endpoint: Endpoint = None,
         token: Token = None,
     ) -> None:
         """Parameters, storage and training memory of full FT, LoRA, QLoRA, LoRAM and QLoRAM for a model."""
         from ..planner import plan
 
-        if quantize not in ("nf4", "fp4"):
-            raise LoramError(f"--quantize must be nf4 or fp4, got {quantize!r}")
-        p = plan(_config(base, endpoint, token), ratio, quant_type=quantize, keep_first=keep_first,
+        p = plan(_config(base, endpoint, token), ratio, quant_type=quantize.value, keep_first=keep_first,
                  keep_last=keep_last, lora_rank=lora_rank, seq_len=seq_len, batch=batch)  # fmt: skip
         if as_json:
-            print(json.dumps(p, indent=2))
-            return
+            return print_json(p)
         pl = p["pruned_layers"]
         console.print(plan_table(p, f"{base} ({p['architecture']}), ratio {ratio}, layers {pl[0]}-{pl[-1]} pruned" if pl else base))
         console.print(
-            f"4-bit: {quantize}, block size 64, double quantization; real bytes count the block constants and the "
+            f"4-bit: {quantize.value}, block size 64, double quantization; real bytes count the block constants and the "
             f"16-bit embeddings, lm_head, norms and biases. Training memory is an estimate for batch {batch} x "
             f"{seq_len} tokens, LoRA r={lora_rank} (weights + AdamW states + activations)."
         )

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import LoramError
-from ._common import Endpoint, Token, console
+from ._common import AsJson, Endpoint, QuantType, Token, console, print_json
+from .inspect import summary
 
 
 class Importance(str, Enum):
@@ -40,10 +41,11 @@ def register(app: typer.Typer) -> None:
         max_shard_size: Annotated[str, typer.Option(help="Shard the pruned weights above this size.")] = "2GiB",
         base_name: Annotated[Optional[str], typer.Option(help="Base identity to record (e.g. its Hub repo id) [default: its path].")] = None,
         base_revision: Annotated[Optional[str], typer.Option(help="Base commit to record, when known.")] = None,
-        quantize: Annotated[Optional[str], typer.Option(help="Also quantize to 4 bits for QLoRAM: nf4 or fp4 (double quant, blocksize 64; see `loramkit quantize`).")] = None,
+        quantize: Annotated[Optional[QuantType], typer.Option(help="Also quantize to 4 bits for QLoRAM (double quant, blocksize 64; see `loramkit quantize`).")] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
         endpoint: Endpoint = None,
         token: Token = None,
+        as_json: AsJson = False,
     ) -> None:
         """Prune a base model into a LoRAM bundle (streaming; memory near one tensor).
 
@@ -80,7 +82,9 @@ def register(app: typer.Typer) -> None:
             m = prune(base_path, out, ratio, **kw)
         else:
             kw.pop("overwrite")
-            m = prune_quantized(base_path, out, ratio, quantize, overwrite=overwrite, **kw)
+            m = prune_quantized(base_path, out, ratio, quantize.value, overwrite=overwrite, **kw)
+        if as_json:
+            return print_json(summary(out))
         p, pl = m["parameters"], m["pruning"]["pruned_layers"]
         layers = f"layers {pl[0]}-{pl[-1]} pruned" if pl else "no layer pruned"
         quantized = f", {m['quantization']['quant_type']} 4-bit" if m["quantization"] else ""

@@ -1,4 +1,4 @@
-"""loramkit quantize BUNDLE --out BUNDLE2 [--type nf4|fp4] [--double-quant/--no-double-quant] [--blocksize 64]"""
+"""loramkit quantize BUNDLE --out BUNDLE2 [--type nf4|fp4] [--double-quant/--no-double-quant] [--blocksize 64] [--json]"""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ._common import Endpoint, Token, console
+from ._common import AsJson, Endpoint, QuantType, Token, console, print_json
+from .inspect import summary
 
 
 def describe(m: dict) -> str:
@@ -27,17 +28,21 @@ def register(app: typer.Typer) -> None:
     def quantize_cmd(
         bundle: Annotated[str, typer.Argument(help="Bundle to quantize (16/32-bit weights): directory or Hub repo id.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="4-bit bundle directory to create.")],
-        quant_type: Annotated[str, typer.Option("--type", help="4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")] = "nf4",
+        quant_type: Annotated[QuantType, typer.Option("--type", help="4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")] = QuantType.nf4,
         double_quant: Annotated[bool, typer.Option(help="Also quantize the per-block constants (QLoRA's double quantization).")] = True,
         blocksize: Annotated[int, typer.Option(help="Values per quantization block: 32, 64, ..., 4096.")] = 64,
         overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
         endpoint: Endpoint = None,
         token: Token = None,
+        as_json: AsJson = False,
     ) -> None:
         """Write a 4-bit (bitsandbytes NF4/FP4) copy of a bundle for QLoRAM training (streaming)."""
         from ..quant import quantize_bundle
 
         from ..hub.resolve import bundle_dir
 
-        m = quantize_bundle(bundle_dir(bundle, endpoint=endpoint, token=token), out, quant_type, double_quant, blocksize, overwrite=overwrite)
+        source = bundle_dir(bundle, endpoint=endpoint, token=token)
+        m = quantize_bundle(source, out, quant_type.value, double_quant, blocksize, overwrite=overwrite)
+        if as_json:
+            return print_json(summary(out))
         console.print(f"wrote {out}: {describe(m)}; bundle {m['bundle_id']}")

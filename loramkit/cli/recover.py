@@ -1,4 +1,4 @@
-"""loramkit recover ADAPTER --out OUT [--bundle BUNDLE] [--merge --base BASE --merged-out DIR]"""
+"""loramkit recover ADAPTER --out OUT [--bundle BUNDLE] [--merge --base BASE --merged-out DIR] [--json]"""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import LoramError
-from ._common import Endpoint, Token, console
+from ._common import AsJson, Endpoint, Token, console, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[bool, typer.Option(help="Replace outputs that exist.")] = False,
         endpoint: Endpoint = None,
         token: Token = None,
+        as_json: AsJson = False,
     ) -> None:
         """Turn an adapter of the pruned model into a standard PEFT adapter of the original model."""
         from ..bundle import Bundle
@@ -41,7 +42,9 @@ def register(app: typer.Typer) -> None:
         base_path = model_dir(base, **hub) if merge else None
         existed = out.exists()
         result = recover_adapter(adapter_path, out, bundle_path, overwrite=overwrite)
-        console.print(f"wrote {out}: {result['modules']} modules recovered for {result['base']}")
+        result = {"adapter": adapter, "out": str(out), **result, "merged": None}
+        if not as_json:
+            console.print(f"wrote {out}: {result['modules']} modules recovered for {result['base']}")
         if merge:
             try:
                 merge_adapter(base_path, out, merged_out, Bundle(result["bundle"]), overwrite=overwrite)
@@ -49,7 +52,11 @@ def register(app: typer.Typer) -> None:
                 if not existed:  # all or nothing: a failed merge takes back the adapter it needed
                     shutil.rmtree(out, ignore_errors=True)
                 raise
-            console.print(f"wrote {merged_out}: {base} with the adapter merged")
+            result["merged"] = str(merged_out)
+            if not as_json:
+                console.print(f"wrote {merged_out}: {base} with the adapter merged")
+        if as_json:
+            print_json(result)
 
 
 def _recorded_bundle(adapter: Path, hub: dict) -> Path | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import progress
 from ..bundle import Bundle
 from ..bundle.card import CARD_NAME, render
 from ..bundle.fsutil import write_json
@@ -73,7 +74,12 @@ def publish(
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         before = api.repo_info(repo_id, revision=revision).sha
         remote = _blob_ids(api, repo_id, before)
-        ops: list[Any] = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path / rel)) for rel in local]
+        ops: list[Any] = []
+        sizes = {rel: (path / rel).stat().st_size for rel in local}
+        with progress.task("sha256 for the Hub", sum(sizes.values()), transient=True) as advance:
+            for rel in local:  # the library hashes each file here, to ask the Hub which it holds
+                ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path / rel)))
+                advance(sizes[rel])
         stale = sorted(r for r in remote if r not in local and r != ".gitattributes")
         ops += [CommitOperationDelete(path_in_repo=rel) for rel in stale]
         commit = api.create_commit(

@@ -506,3 +506,37 @@ def test_data_format_choices_match_the_library():
     from loramkit.train.data import FORMATS
 
     assert [f.value for f in DataFormat] == ["auto", *FORMATS]
+
+
+# ---------------------------------------------------------------------------- library warnings
+
+
+def test_known_noise_is_filtered_by_message_and_every_other_warning_shows():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cli._quiet_libraries()
+        for message in ("`is_gradient_checkpointing` is deprecated and will be removed in v6.", "news from a library"):
+            for category in (FutureWarning, DeprecationWarning, UserWarning):
+                warnings.warn(message, category)
+    assert [(str(w.message), w.category) for w in seen] == [
+        ("news from a library", FutureWarning), ("news from a library", DeprecationWarning), ("news from a library", UserWarning)
+    ]  # fmt: skip
+
+
+def test_known_noise_matches_what_the_libraries_say(make_base_dir):
+    """Each pattern still matches a warning the libraries really give (drop patterns they no longer need)."""
+    import re
+    import warnings
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_base_dir(CASE))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    said = [str(w.message) for w in seen]
+    for pattern in cli.KNOWN_NOISE:
+        assert any(re.match(pattern, m) for m in said), (pattern, said)

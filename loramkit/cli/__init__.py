@@ -33,11 +33,19 @@ for module in (plan, prune, quantize, inspect, validate, align, train, evaluate,
     module.register(app)
 
 
+# Library warnings a loramkit user can do nothing about, matched by the start of their message
+# (a regex): every other warning shows, so news from a library update reaches the user.
+KNOWN_NOISE: tuple[str, ...] = (
+    # transformers 5.x, whenever peft wraps a model (peft reads the old property name).
+    r"`is_gradient_checkpointing` is deprecated",
+)
+
+
 def _quiet_libraries() -> None:
-    """Library deprecation chatter is not the user's business; download and upload bars are."""
+    """Known library noise off (by message, never a whole category); download and upload bars on."""
     progress.configure_library_bars()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def run(argv: list[str] | None = None) -> int:

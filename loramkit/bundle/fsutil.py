@@ -1,4 +1,4 @@
-"""Outputs appear whole or not at all: everything is written under a temporary name, then renamed."""
+"""Outputs appear whole or not at all: everything is written under a temporary name, then renamed (:func:`staged`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,41 +15,59 @@ from ..errors import OutputExistsError
 
 
 @contextmanager
-def staged_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh sibling directory; on success it replaces ``out``, on error it is removed."""
+def staged(out: str | Path, overwrite: bool = False, *, directory: bool = True) -> Iterator[Path]:
+    """The one way loramkit writes an output: yield a fresh temporary sibling of ``out`` (a
+    directory, or a file path to write); on success it takes ``out``'s place by rename, on
+    error it is removed. Readers see the old output or the whole new one, never a partial one.
+
+    A file replaces an existing one in a single atomic rename. A directory cannot be renamed
+    over a non-empty one, so the old directory is first renamed aside, then removed.
+
+    Raises:
+        OutputExistsError: ``out`` exists and ``overwrite`` is false.
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = out.parent / f".{out.name}.tmp-{tag}"
-    tmp.mkdir()
+    if directory:
+        tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
+        if directory and (out.exists() or out.is_symlink()):
             old = out.parent / f".{out.name}.old-{tag}"
             os.replace(out, old)
             os.replace(tmp, out)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+            _remove(old)
         else:
             os.replace(tmp, out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def staged_dir(out: str | Path, overwrite: bool = False) -> AbstractContextManager[Path]:
+    """:func:`staged` for a directory output (a bundle, an adapter, a checkpoint)."""
+    return staged(out, overwrite, directory=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Replace the file at ``path`` with ``text`` (UTF-8) atomically, through :func:`staged`."""
+    with staged(path, overwrite=True, directory=False) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON under a temporary name, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Replace the file at ``path`` with ``obj`` as indented JSON, atomically."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_json(path: str | Path, what: str, error: type[Exception]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from .. import progress
 from ..bundle import Bundle
 from ..bundle.card import CARD_NAME, render
-from ..bundle.fsutil import write_json
+from ..bundle.fsutil import write_json, write_text
 from ..bundle.hashing import sha256_file
 from ..bundle.manifest import MANIFEST_NAME, bundle_id
 from ..errors import BundleError, LoramError
@@ -28,9 +28,7 @@ def refresh_card(path: Path, repo_id: str | None) -> bool:
     target = path / CARD_NAME
     if target.is_file() and target.read_text(encoding="utf-8") == card:
         return False
-    tmp = path / f".{CARD_NAME}.tmp"
-    tmp.write_text(card, encoding="utf-8")
-    tmp.replace(target)
+    write_text(target, card)
     manifest = dict(b.manifest)
     manifest["files"] = {**manifest["files"], CARD_NAME: {"sha256": sha256_file(target), "size": target.stat().st_size}}
     assert bundle_id(manifest) == b.bundle_id  # by construction: the card is not part of the identity

@@ -16,7 +16,7 @@ from typing import Any
 from .bundle.quantization import expected_entries
 from .bundle.safetensors_io import nbytes_of
 from .families import ArchSpec
-from .families.geometry import LayerDims, count_parameters, linear_shapes
+from .families.geometry import LayerDims, count_parameters, expert_shapes, linear_shapes
 from .families.pruning_rules import plan_layers
 
 # Mixed-precision AdamW: bf16 weights + bf16 grads + fp32 master, m and v (full fine-tuning);
@@ -71,7 +71,7 @@ def _activations(arch: ArchSpec, layers: list[LayerDims], tokens: int, checkpoin
 
 
 def _lora_params(arch: ArchSpec, layers: list[LayerDims], rank: int) -> int:
-    return sum(rank * (o + i) for d in layers for o, i in linear_shapes(arch, d))
+    return sum(rank * (o + i) for d in layers for o, i in linear_shapes(arch, d) + expert_shapes(arch, d))
 
 
 def plan(

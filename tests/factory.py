@@ -261,6 +261,34 @@ FAMILY_CASES: dict[str, dict[str, Any]] = {
 }
 CASE_NAMES: tuple[str, ...] = tuple(FAMILY_CASES)
 
+# Mixtures of experts, kept apart from FAMILY_CASES: the parametrized suites speak of dense
+# MLP tensors; tests/test_families.py covers these.
+MOE_CASES: dict[str, dict[str, Any]] = {
+    # qwen3-30b-a3b: Qwen3 attention (GQA G=4, head_dim 16 != 64/8, q/k norms) and in every
+    # layer 4 experts of 48 channels, 2 routed per token, normalised top-k weights.
+    "qwen3_moe": {
+        "_architecture": "Qwen3MoeForCausalLM",
+        "_implicit_head_dim": False,
+        "_rope_theta": 1000000.0,
+        "_rope_scaling": None,
+        "model_type": "qwen3_moe",
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "moe_intermediate_size": 48,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": True,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "max_window_layers": 8,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    },
+}
+
 _CONFIG_CLASSES = {
     "llama": transformers.LlamaConfig,
     "mistral": transformers.MistralConfig,
@@ -269,14 +297,15 @@ _CONFIG_CLASSES = {
     "gemma2": transformers.Gemma2Config,
     "gemma3_text": transformers.Gemma3TextConfig,
     "phi3": transformers.Phi3Config,
+    "qwen3_moe": transformers.Qwen3MoeConfig,
 }
 
 
 def _case(case: str) -> dict[str, Any]:
     try:
-        return FAMILY_CASES[case]
+        return FAMILY_CASES[case] if case in FAMILY_CASES else MOE_CASES[case]
     except KeyError:
-        raise KeyError(f"unknown case {case!r}; known: {', '.join(FAMILY_CASES)}") from None
+        raise KeyError(f"unknown case {case!r}; known: {', '.join([*FAMILY_CASES, *MOE_CASES])}") from None
 
 
 # --------------------------------------------------------------------------- config
@@ -394,6 +423,8 @@ def _hubify_config(path: Path, case: str, overrides: dict[str, Any]) -> None:
             data["sliding_window_pattern"] = 6
         if data["model_type"] == "gemma2" and data["tie_word_embeddings"]:
             data.pop("tie_word_embeddings")  # as published: tied is Gemma2Config's default
+    if "num_local_experts" in data:  # published Qwen3-MoE configs say num_experts
+        data["num_experts"] = data.pop("num_local_experts")
     if _case(case)["_implicit_head_dim"] and "head_dim" not in overrides:
         data.pop("head_dim", None)
     cfg_path.write_text(json.dumps(dict(sorted(data.items())), indent=2) + "\n")

@@ -170,3 +170,178 @@ def test_train_recover_merge_end_to_end(make_base_dir, tmp_path, case):
         merged_logits = load_base(merged)(x).logits
     assert (adapted - plain).abs().max() > 1e-4, "training changed nothing"
     assert_close_eps(merged_logits, adapted, 2**8, torch.float32, "merged vs PeftModel(base, recovered):")
+
+
+# ----------------------------------------------------------------------------- Qwen3-MoE
+
+MOE = "qwen3_moe"
+E, I_MOE = 4, 48  # tests/factory.py's qwen3_moe case
+
+
+def test_moe_reference_config_counts(capsys):
+    """qwen3-30b-a3b: 30.5B parameters (the model card), as transformers' own model counts them."""
+    config = json.loads((DATA / "qwen3-30b-a3b.json").read_text())
+    arch = ArchSpec.from_config(config)
+    full = count_parameters(arch, plan_layers(arch, 0.0)[0])
+    assert (arch.num_experts, arch.intermediate_size) == (128, 768)
+    assert full == _transformers_count(config) and round(full / 1e9, 2) == 30.53
+    assert run(["plan", str(DATA / "qwen3-30b-a3b.json"), "--ratio", "0.5", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["original_parameters"] == full and p["pruned_parameters"] == count_parameters(arch, plan_layers(arch, 0.5)[0])
+
+
+@pytest.fixture(scope="module")
+def moe(make_base_dir, tmp_path_factory) -> dict[str, Path]:
+    base = make_base_dir(MOE)
+    out = {"base": base}
+    for importance in ("magnitude", "random"):
+        out[importance] = tmp_path_factory.mktemp("moe") / importance
+        prune(base, out[importance], 0.5, importance=importance, show_progress=False)
+    return out
+
+
+def _expert_maps(bundle: Path, layer: int, tensor: str, dim: int) -> list[torch.Tensor] | None:
+    maps = load_file(str(bundle / "kept_indices.safetensors"))
+    got = [maps.get(f"model.layers.{layer}.mlp.experts.{e}.{tensor}.weight:{dim}") for e in range(E)]
+    return None if got[0] is None else got
+
+
+def _moe_base64(base: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64, experts_implementation="eager").eval()
+
+
+def test_moe_bundle_keeps_each_experts_own_channels(moe):
+    from loramkit.bundle.validate import validate
+
+    base = load_file(str(moe["base"] / "model.safetensors"))
+    m = json.loads((moe["magnitude"] / "loram.json").read_text())
+    pruned = m["pruning"]["pruned_layers"]
+    assert pruned and validate(moe["magnitude"]) == ([], [])
+    for i in pruned:
+        gates = _expert_maps(moe["magnitude"], i, "gate_proj", 0)
+        assert gates is not None and all(len(g) == I_MOE // 2 for g in gates)  # the same count in every expert
+        for e in range(E):
+            assert torch.equal(gates[e], _expert_maps(moe["magnitude"], i, "up_proj", 0)[e])
+            assert torch.equal(gates[e], _expert_maps(moe["magnitude"], i, "down_proj", 1)[e])
+            # magnitude: the top L2 channels of this expert (gate row, up row, down column)
+            w = lambda n: base[f"model.layers.{i}.mlp.experts.{e}.{n}.weight"].double()  # noqa: E731
+            score = w("gate_proj").square().sum(1) + w("up_proj").square().sum(1) + w("down_proj").square().sum(0)
+            assert gates[e].tolist() == sorted(score.argsort(descending=True)[: I_MOE // 2].tolist())
+        assert len({tuple(g.tolist()) for g in gates}) > 1, "every expert keeps its own channels"
+        assert f"model.layers.{i}.mlp.gate.weight" not in {k.rsplit(":", 1)[0] for k in load_file(str(moe["magnitude"] / "kept_indices.safetensors"))}
+    assert run(["inspect", str(moe["magnitude"])]) == 0
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "random"])
+def test_moe_pruned_logits_equal_original_with_pruned_channels_zeroed(moe, importance):
+    bundle = moe[importance]
+    pruned = load_pruned_model(bundle, dtype=torch.float64)
+    pruned.config._experts_implementation = "eager"  # grouped_mm has no float64
+    maps = load_file(str(bundle / "kept_indices.safetensors"))
+
+    def zeroed(shift: int):
+        model = _moe_base64(moe["base"])
+        with torch.no_grad():
+            for key, kept in maps.items():
+                name, dim = key.rsplit(":", 1)
+                if dim != "1":
+                    continue
+                parts = name.split(".")
+                if ".experts." in name:  # expert e's down_proj columns = in-memory down_proj[e] columns
+                    w = model.model.layers[int(parts[2])].mlp.experts.down_proj[int(parts[5])]
+                    kept = (kept + shift) % I_MOE
+                else:
+                    w = model.get_parameter(name)
+                drop = torch.ones(w.shape[1], dtype=torch.bool)
+                drop[kept] = False
+                w[:, drop] = 0.0
+        return model
+
+    x = ids(3, 20)
+    with torch.no_grad():
+        got = pruned(x).logits
+        want = zeroed(0)(x).logits
+        assert_close_eps(got, want, 2**6, torch.float64, "pruned MoE vs zeroed original:")
+        assert (got - _moe_base64(moe["base"])(x).logits).abs().max() > 1e-2  # pruning removed something
+        assert (got - zeroed(1)(x).logits).abs().max() > 1e-2  # other channels would not do
+
+
+def _moe_adapter(bundle: Path, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False,
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])  # fmt: skip
+    torch.manual_seed(3)
+    get_peft_model(load_pruned_model(bundle), config).save_pretrained(out)
+    return out
+
+
+def _expert_deltas(model) -> dict[tuple[int, str], torch.Tensor]:
+    """PEFT's own per-expert delta of each wrapped expert tensor: (layer, param) -> [E, out, in]."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return {(int(n.split(".")[4]), m.parameter_name): m.get_delta_weight("default").detach()
+            for n, m in model.named_modules() if isinstance(m, ParamWrapper)}  # fmt: skip
+
+
+def test_moe_recovered_adapter_is_exact_loads_and_merges(moe, tmp_path):
+    from loramkit.recover.adapter import recover_adapter
+    from loramkit.recover.merge import merge_adapter
+    from loramkit import Bundle
+    from peft import PeftModel
+
+    bundle, base = moe["magnitude"], moe["base"]
+    adapter = _moe_adapter(bundle, tmp_path / "adapter")
+    recover_adapter(adapter, tmp_path / "rec", bundle)
+    cfg, full = read_adapter(tmp_path / "rec")
+    assert cfg["target_parameters"] and any(".experts.base_layer.lora_B" in k for k in full)
+
+    model = peft_on_base(base, tmp_path / "rec")  # strict: no missing or unexpected keys, no warnings
+    small = PeftModel.from_pretrained(load_pruned_model(bundle), adapter)
+    got, want = _expert_deltas(model), _expert_deltas(small)
+    assert set(got) == set(want) and len(got) == 2 * 8
+    pruned_layers = json.loads((bundle / "loram.json").read_text())["pruning"]["pruned_layers"]
+    for (layer, param), delta in got.items():
+        if layer not in pruned_layers:
+            assert torch.equal(delta, want[(layer, param)])
+            continue
+        if param == "gate_up_proj":  # [E, 2I, H]: each expert's kept gate and up rows
+            kept = [torch.cat([g, I_MOE + u]) for g, u in zip(_expert_maps(bundle, layer, "gate_proj", 0), _expert_maps(bundle, layer, "up_proj", 0))]
+            dim = 0
+        else:  # [E, H, I]: each expert's kept down columns
+            kept, dim = _expert_maps(bundle, layer, "down_proj", 1), 1
+        for e in range(E):
+            rest = torch.ones(delta.shape[1 + dim], dtype=torch.bool)
+            rest[kept[e]] = False
+            assert torch.equal(delta[e].index_select(dim, kept[e]), want[(layer, param)][e]), (layer, param, e)
+            assert not delta[e].index_select(dim, rest.nonzero()[:, 0]).any(), (layer, param, e)
+
+    merge_adapter(base, tmp_path / "rec", tmp_path / "merged", bundle=Bundle(bundle), show_progress=False)
+    x = ids(2, 20)
+    with torch.no_grad():
+        adapted = model(x).logits
+        with model.disable_adapter():
+            plain = model(x).logits
+        merged = load_base(tmp_path / "merged")(x).logits
+    assert (adapted - plain).abs().max() > 1e-3
+    assert_close_eps(merged, adapted, 2**8, torch.float32, "merged MoE vs PeftModel(base, recovered):")
+
+
+def test_moe_train_recover_end_to_end_and_4bit(moe, tmp_path):
+    data = tmp_path / "train.txt"
+    data.write_text("\n\n".join(sample_texts(48, seed=2)))
+    b, adapter, rec = moe["magnitude"], tmp_path / "adapter", tmp_path / "recovered"
+    assert run(["train", str(b), "--data", str(data), "--out", str(adapter), "--max-steps", "2", "--rank", "4",
+                "--seq-len", "32", "--micro-batch", "4", "--lr", "1e-2", "--precision", "fp32"]) == 0  # fmt: skip
+    cfg, _ = read_adapter(adapter)
+    assert cfg["target_parameters"] and set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert run(["recover", str(adapter), "--bundle", str(b), "--out", str(rec)]) == 0
+    peft_on_base(moe["base"], rec)
+    q = tmp_path / "q"
+    assert run(["quantize", str(b), "--out", str(q)]) == 0
+    assert run(["validate", str(q)]) == 0
+    model = load_pruned_model(q)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids(2, 12)).logits).all()

@@ -9,7 +9,7 @@ import torch
 from .. import progress
 from ..errors import LoramError
 from ..families import ArchSpec
-from ..families.geometry import LayerDims, count_parameters, layer_index_maps, pruned_shape, unit_rows
+from ..families.geometry import LayerDims, count_parameters, coupled_slices, layer_index_maps, pruned_shape, unit_rows
 from ..families.pruning_rules import IMPORTANCE_KINDS, ROUNDING_RULES, plan_layers
 from .hashing import config_sha256
 from .manifest import CARD_NAME, MANIFEST_NAME, bundle_id
@@ -160,16 +160,23 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
             if (d.kv_heads[1], d.intermediate[1]) != (d.kv_heads[0], d.intermediate[0]):
                 problems.append(f"layer {d.index}: marked unpruned but keeps fewer units")
             continue
-        k_rows = maps.get(f"{arch.family.module(d.index, 'k')}.weight:0")
+        k_name = f"{arch.family.module(d.index, 'k')}.weight"
+        k_rows = maps.get(f"{k_name}:0")
+        if k_rows is not None:  # k's own rows; in a fused projection (Phi-3 qkv_proj), its segment's
+            _, _, start, length = next(seg for seg in coupled_slices(arch, d.index)[k_name] if seg[1] == "kv")
+            k_rows = k_rows[(k_rows >= start) & (k_rows < start + length)] - start
         groups = (k_rows[:: arch.head_dim] // arch.head_dim) if k_rows is not None else torch.arange(d.kv_heads[0])
-        down = maps.get(f"{arch.family.module(d.index, 'down')}.weight:1")
-        channels = down if down is not None else torch.arange(d.intermediate[0])
-        if not (_ascending(groups) and _ascending(channels)):
+        experts = range(arch.num_experts) if arch.num_experts else [None]  # a mixture: each expert its own channels
+        downs = [maps.get(f"{arch.family.module(d.index, 'down', e)}.weight:1") for e in experts]
+        rows = [down if down is not None else torch.arange(d.intermediate[0]) for down in downs]
+        if not (_ascending(groups) and all(_ascending(r) for r in rows)):
             problems.append(f"layer {d.index}: index maps are not strictly ascending")
             continue
-        if len(groups) != d.kv_heads[1] or len(channels) != d.intermediate[1]:
-            problems.append(f"layer {d.index}: index maps keep {len(groups)} kv heads / {len(channels)} channels, manifest says {d.kv_heads[1]} / {d.intermediate[1]}")
+        kept = next((len(r) for r in rows if len(r) != d.intermediate[1]), d.intermediate[1])
+        if len(groups) != d.kv_heads[1] or kept != d.intermediate[1]:
+            problems.append(f"layer {d.index}: index maps keep {len(groups)} kv heads / {kept} channels, manifest says {d.kv_heads[1]} / {d.intermediate[1]}")
             continue
+        channels = torch.stack(rows) if arch.num_experts else rows[0]
         if k_rows is not None and not torch.equal(k_rows, unit_rows(groups, arch.head_dim)):
             problems.append(f"layer {d.index}: k rows do not cover whole heads")
         expected_maps |= layer_index_maps(arch, d.index, groups, channels, names)

@@ -51,13 +51,28 @@ class Family:
     layer_norms: int = 2
     # transformers' default when config.json has no tie_word_embeddings (published Gemma 2 configs have none).
     tied_by_default: bool = False
+    # Mixture of experts (Qwen3-MoE): the MLP roles' names hold ``{expert}`` (one module per
+    # expert on disk, ``mlp.experts.3.gate_proj``); ``experts`` is the module transformers
+    # fuses them into (``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] parameters),
+    # ``router`` the expert router (never pruned: every expert keeps serving).
+    experts: str | None = None
+    router: str | None = None
     layers_prefix: str = "model.layers"
     embeddings: str = "model.embed_tokens"
     lm_head: str = "lm_head"  # shares the embeddings' weight when tie_word_embeddings
 
-    def module(self, layer: int, role: Role) -> str:
-        """Full module path, e.g. ``model.layers.7.self_attn.q_proj``."""
-        return f"{self.layers_prefix}.{layer}.{self.modules[role]}"
+    def module(self, layer: int, role: Role, expert: int | None = None) -> str:
+        """Full module path, e.g. ``model.layers.7.self_attn.q_proj`` (``mlp.experts.3.gate_proj`` with ``expert``)."""
+        name = self.modules[role]
+        if "{expert}" in name:
+            if expert is None:
+                raise ValueError(f"{self.name}: role {role} lives once per expert; pass expert=")
+            name = name.format(expert=expert)
+        return f"{self.layers_prefix}.{layer}.{name}"
+
+    def per_expert(self, role: Role) -> bool:
+        """Whether ``role`` lives once per expert (the MLP roles of a mixture of experts)."""
+        return "{expert}" in self.modules[role]
 
     def fused_roles(self, role: Role) -> tuple[Role, ...]:
         """The roles stored in ``role``'s module, in row order (just ``(role,)`` when unfused)."""
@@ -65,12 +80,18 @@ class Family:
 
     @property
     def lora_targets(self) -> tuple[str, ...]:
-        """The projections' module names as PEFT ``target_modules`` (e.g. q_proj ... down_proj)."""
-        return tuple(dict.fromkeys(m.rsplit(".", 1)[-1] for m in self.modules.values()))
+        """The Linear projections' module names as PEFT ``target_modules`` (e.g. q_proj ... down_proj)."""
+        names = (m for r, m in self.modules.items() if not self.per_expert(r))
+        return tuple(dict.fromkeys(m.rsplit(".", 1)[-1] for m in names))
+
+    @property
+    def lora_target_parameters(self) -> tuple[str, ...]:
+        """PEFT ``target_parameters`` for the fused expert tensors (empty for dense families)."""
+        return (f"{self.experts}.gate_up_proj", f"{self.experts}.down_proj") if self.experts else ()
 
     def projections(self, layer: int) -> list[str]:
-        """Full paths of the distinct projection modules of one layer (a fused module once)."""
-        return list(dict.fromkeys(self.module(layer, r) for r in self.modules))
+        """Full paths of the distinct Linear projection modules of one layer (a fused module once; no experts)."""
+        return list(dict.fromkeys(self.module(layer, r) for r in self.modules if not self.per_expert(r)))
 
     def layer_of(self, module_path: str) -> int | None:
         """Layer index of a module path, or None when outside the decoder layers."""
@@ -87,9 +108,16 @@ class Family:
             return None
         rel = module_path[len(f"{self.layers_prefix}.{layer}.") :]
         for role, name in self.modules.items():
-            if name == rel:
+            if name == rel or (self.per_expert(role) and _expert_name(name, rel)):
                 return role
         return None
+
+
+def _expert_name(pattern: str, rel: str) -> bool:
+    """Whether ``rel`` is ``pattern`` (holding ``{expert}``) for some expert index."""
+    head, _, tail = pattern.partition("{expert}")
+    middle = rel[len(head) : len(rel) - len(tail)] if rel.startswith(head) and rel.endswith(tail) else ""
+    return middle.isdigit()
 
 
 @dataclass(frozen=True)
@@ -108,6 +136,7 @@ class ArchSpec:
     vocab_size: int
     tie_word_embeddings: bool
     bias_roles: frozenset[str] = frozenset()
+    num_experts: int = 0  # 0: a dense MLP; else intermediate_size is each expert's
 
     @property
     def group_size(self) -> int:
@@ -127,6 +156,9 @@ class ArchSpec:
             heads = int(config["num_attention_heads"])
             hidden = int(config["hidden_size"])
             kv_heads = int(config.get("num_key_value_heads") or heads)
+            experts = int(config.get("num_experts") or config.get("num_local_experts") or 0) if family.experts else 0
+            if experts and (config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1):
+                raise UnsupportedModelError("mixtures of experts with dense MLP layers (mlp_only_layers, decoder_sparse_step) are unsupported")
             spec = cls(
                 family=family,
                 architecture=(config.get("architectures") or [family.architectures[0]])[0],
@@ -136,12 +168,13 @@ class ArchSpec:
                 num_attention_heads=heads,
                 num_key_value_heads=kv_heads,
                 head_dim=int(config.get("head_dim") or hidden // heads),
-                intermediate_size=int(config["intermediate_size"]),
+                intermediate_size=int(config["moe_intermediate_size"] if experts else config["intermediate_size"]),
                 vocab_size=int(config["vocab_size"]),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", family.tied_by_default)),
                 bias_roles=frozenset(family.bias_roles)
                 | (frozenset(("q", "k", "v", "o")) if config.get("attention_bias") else frozenset())
                 | (frozenset(("gate", "up", "down")) if config.get("mlp_bias") else frozenset()),
+                num_experts=experts,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UnsupportedModelError(f"config.json lacks a usable field ({exc}); is it a causal LM config?") from None

@@ -64,6 +64,8 @@ def coupled_slices(arch: ArchSpec, layer: int) -> dict[str, list[tuple[int, str,
     sizes = _unit_kinds(arch)
     out: dict[str, list[tuple[int, str, int, int]]] = {}
     for role, dim, kind in ATTENTION_ROLES + MLP_ROLES:
+        if arch.family.per_expert(role):
+            continue  # a mixture of experts: see expert_tensors
         module = arch.family.module(layer, role)
         names = (f"{module}.weight", f"{module}.bias") if dim == 0 else (f"{module}.weight",)
         for name in names:
@@ -74,12 +76,25 @@ def coupled_slices(arch: ArchSpec, layer: int) -> dict[str, list[tuple[int, str,
     return out
 
 
+def expert_tensors(arch: ArchSpec, layer: int) -> dict[str, tuple[int, int]]:
+    """A mixture of experts' per-expert MLP tensors of one layer: name -> (expert, dim of the channels)."""
+    out: dict[str, tuple[int, int]] = {}
+    for e in range(arch.num_experts):
+        for role, dim, _kind in MLP_ROLES:
+            module = arch.family.module(layer, role, e)
+            out[f"{module}.weight"] = (e, dim)
+            if dim == 0:
+                out[f"{module}.bias"] = (e, 0)
+    return out
+
+
 def layer_index_maps(
     arch: ArchSpec, layer: int, kept_groups: torch.Tensor, kept_channels: torch.Tensor, tensor_names: set[str]
 ) -> dict[str, torch.Tensor]:
     """Index maps ``"<tensor>:<dim>" -> kept indices`` for every pruned tensor of one layer.
 
-    ``kept_groups``: kept KV heads (== heads for MHA), ascending. A KV group g owns
+    ``kept_groups``: kept KV heads (== heads for MHA), ascending. ``kept_channels``: kept MLP
+    channels (I_kept,), or (E, I_kept) for a mixture of experts, a row per expert. A KV group g owns
     query heads g*G .. g*G+G-1, which own q rows / o columns head*head_dim .. +head_dim-1.
     Biases of row-pruned projections share the rows' map. A fused projection's map is its
     segments' maps, each shifted by the segment's start. A block that keeps all its units
@@ -94,7 +109,7 @@ def layer_index_maps(
     whole = {
         "kv": len(kept_groups) == arch.num_key_value_heads,
         "query": len(kept_groups) == arch.num_key_value_heads,
-        "channel": len(kept_channels) == arch.intermediate_size,
+        "channel": kept_channels.shape[-1] == arch.intermediate_size,
     }
     maps: dict[str, torch.Tensor] = {}
     for name, segments in coupled_slices(arch, layer).items():
@@ -102,6 +117,10 @@ def layer_index_maps(
             continue
         dim = segments[0][0]
         maps[f"{name}:{dim}"] = torch.cat([by_kind[kind] + start for _, kind, start, _ in segments])
+    if arch.num_experts and kept_channels.shape[-1] < arch.intermediate_size:
+        for name, (e, dim) in expert_tensors(arch, layer).items():
+            if name in tensor_names:
+                maps[f"{name}:{dim}"] = kept_channels[e]
     return {k: v.to(torch.int64).clone() for k, v in maps.items()}  # one tensor per key, for safetensors
 
 
@@ -130,20 +149,30 @@ def count_parameters(arch: ArchSpec, layers: list[LayerDims]) -> int:
     for d in layers:
         q, kv, inter = d.heads[1] * hd, d.kv_heads[1] * hd, d.intermediate[1]
         rows = {"q": q, "k": kv, "v": kv, "o": h, "gate": inter, "up": inter, "down": h}
-        total += 2 * h * q + 2 * h * kv + 3 * h * inter + arch.family.layer_norms * h
+        experts = max(arch.num_experts, 1)  # a mixture: every expert's MLP, and the router
+        total += 2 * h * q + 2 * h * kv + experts * 3 * h * inter + arch.family.layer_norms * h
+        total += arch.num_experts * h
         total += sum(rows[r] for r in arch.bias_roles)
         total += len(arch.family.head_norms) * hd
     return total
 
 
 def linear_shapes(arch: ArchSpec, d: LayerDims) -> list[tuple[int, int]]:
-    """[out, in] of each distinct projection module of one layer (a fused one once, its rows summed)."""
+    """[out, in] of each distinct Linear projection of one layer (a fused one once, its rows summed)."""
     h, hd = arch.hidden_size, arch.head_dim
     q, kv, inter = d.heads[1] * hd, d.kv_heads[1] * hd, d.intermediate[1]
     shape = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (inter, h), "up": (inter, h), "down": (h, inter)}
     out: dict[str, tuple[int, int]] = {}
     for role, module in arch.family.modules.items():
+        if arch.family.per_expert(role):
+            continue  # expert MLPs are not Linear modules in memory: see expert_shapes
         rows, cols = shape[role]
         prev = out.get(module)
         out[module] = (rows + prev[0], cols) if prev else (rows, cols)
     return list(out.values())
+
+
+def expert_shapes(arch: ArchSpec, d: LayerDims) -> list[tuple[int, int]]:
+    """[out, in] of every expert's gate, up and down projection in one layer (none for a dense MLP)."""
+    h, inter = arch.hidden_size, d.intermediate[1]
+    return [(inter, h), (inter, h), (h, inter)] * arch.num_experts

@@ -63,9 +63,18 @@ def _shrink_layer(model: nn.Module, bundle: Bundle, dims: LayerDims, shapes: dic
         out_f, in_f = shapes[f"{path}.weight"]
         new = nn.Linear(in_f, out_f, bias=old.bias is not None, device="meta", dtype=old.weight.dtype)
         setattr(parent, attr, new)
-    mlp = model.get_submodule(family.module(dims.index, "gate").rsplit(".", 1)[0])
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = dims.intermediate[1]
+    if family.experts:  # fused expert tensors: gate_up_proj [E, 2I, H], down_proj [E, H, I], at the kept I
+        experts = model.get_submodule(f"{family.layers_prefix}.{dims.index}.{family.experts}")
+        k = dims.intermediate[1]
+        E, _, H = experts.gate_up_proj.shape
+        meta = dict(device="meta", dtype=experts.gate_up_proj.dtype)
+        experts.gate_up_proj = nn.Parameter(torch.empty(E, 2 * k, H, **meta))
+        experts.down_proj = nn.Parameter(torch.empty(E, H, k, **meta))
+        experts.intermediate_dim = k
+    else:
+        mlp = model.get_submodule(family.module(dims.index, "gate").rsplit(".", 1)[0])
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = dims.intermediate[1]
     # Head counts an attention forward may read: its own attributes, or the shared config
     # (Phi-3 splits qkv at config.num_attention_heads * head_dim).
     attn = model.get_submodule(family.module(dims.index, "o").rsplit(".", 1)[0])
@@ -75,6 +84,43 @@ def _shrink_layer(model: nn.Module, bundle: Bundle, dims: LayerDims, shapes: dic
             setattr(attn, attr, value)
     if getattr(attn, "config", None) is not None:
         attn.config = LayerConfig(attn.config, heads)
+
+
+def _fused_expert_name(family, name: str) -> str:
+    """``...experts.3.gate_proj.weight`` -> ``...experts.gate_up_proj`` (down_proj -> down_proj)."""
+    module = name.rsplit(".", 1)[0]
+    layer = family.layer_of(module)
+    fused = "down_proj" if family.role_of(module) == "down" else "gate_up_proj"
+    return f"{family.layers_prefix}.{layer}.{family.experts}.{fused}"
+
+
+def _load_expert_slice(model: nn.Module, b: Bundle, ckpt, name: str, device, dtype: torch.dtype) -> bool:
+    """Copy one stored expert tensor into its slice of transformers' fused expert parameter.
+
+    On disk (and in a bundle) expert e has gate_proj / up_proj [I, H] and down_proj [H, I];
+    in memory ``gate_up_proj[e]`` is [gate | up] rows and ``down_proj[e]`` the down weight.
+    Returns False for a name that is no expert weight.
+    """
+    family = b.arch.family
+    module, _, leaf = name.rpartition(".")
+    role = family.role_of(module)
+    if leaf != "weight" or role is None or not family.per_expert(role):
+        return False
+    expert = int(module[len(f"{family.layers_prefix}.{family.layer_of(module)}.{family.experts}.") :].split(".", 1)[0])
+    fused_name = _fused_expert_name(family, name)
+    parent_path, attr = fused_name.rsplit(".", 1)
+    parent = model.get_submodule(parent_path)
+    fused = getattr(parent, attr)
+    if fused.is_meta:  # allocated once, filled expert by expert: never two copies of a layer's experts
+        fused = nn.Parameter(torch.empty(fused.shape, device=device, dtype=dtype), requires_grad=fused.requires_grad)
+        setattr(parent, attr, fused)
+    k = fused.shape[1] // 2 if role != "down" else fused.shape[2]
+    target = fused.data[expert] if role == "down" else fused.data[expert, (0 if role == "gate" else k) : (k if role == "gate" else 2 * k)]
+    info = ckpt.info(name)
+    if tuple(target.shape) != info.shape:
+        raise BundleError(f"{b.path}: {name} has shape {list(info.shape)}, the manifest implies {list(target.shape)}")
+    target.copy_(ckpt.get(name))
+    return True
 
 
 class LayerConfig:
@@ -157,8 +203,13 @@ def load_pruned_model(
             compute = _compute_dtype(compute_dtype, quantization["compute_dtype"], device)
             done = load_4bit_linears(model, b, ckpt, shapes, device, torch_dtype, compute)
         expected = dict(model.named_parameters())
+        filled: dict[str, int] = {}  # fused expert tensor -> expert slices loaded into it
         for name in ckpt.names():
             if name in done:
+                continue
+            if name not in expected and b.arch.num_experts and _load_expert_slice(model, b, ckpt, name, device, torch_dtype):
+                fused = _fused_expert_name(b.arch.family, name)
+                filled[fused] = filled.get(fused, 0) + 1
                 continue
             if name not in expected:
                 raise BundleError(f"{b.path}: weight {name} does not belong to {b.arch.architecture}")
@@ -169,6 +220,9 @@ def load_pruned_model(
             parent_path, attr = name.rsplit(".", 1)
             parent = model.get_submodule(parent_path)
             setattr(parent, attr, nn.Parameter(tensor, requires_grad=getattr(parent, attr).requires_grad))
+    for fused, n in filled.items():  # gate and up fill gate_up_proj: two slices per expert
+        if n != b.arch.num_experts * (2 if fused.endswith("gate_up_proj") else 1):
+            raise BundleError(f"{b.path}: the bundle's weights lack experts of {fused}; re-create the bundle")
     if b.arch.tie_word_embeddings:
         model.tie_weights()
     # Non-persistent buffers (rotary inv_freq, Gemma's embed_scale) are not in checkpoints: rebuild them for real.

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from ..families import ArchSpec
-from ..families.geometry import coupled_slices
+from ..families.geometry import coupled_slices, expert_tensors
 
 
 def unit_sums(t: torch.Tensor, dim: int, units: int) -> torch.Tensor:
@@ -41,6 +41,16 @@ def group_scores(
     return kv, ch
 
 
+def expert_channel_scores(arch: ArchSpec, layer: int, elementwise: Callable[[str], torch.Tensor | None]) -> torch.Tensor:
+    """A mixture of experts: sum ``elementwise`` over each expert's channels (gate row, up row, down column): (E, I)."""
+    out = torch.zeros(arch.num_experts, arch.intermediate_size, dtype=torch.float64)
+    for name, (e, d) in expert_tensors(arch, layer).items():
+        score = elementwise(name)
+        if score is not None:
+            out[e] += unit_sums(score, d, arch.intermediate_size)
+    return out
+
+
 def top_units(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` highest scores, ascending; ties go to the lower index."""
     order = torch.argsort(scores, descending=True, stable=True)
@@ -51,3 +61,12 @@ def random_units(total: int, k: int, seed: int, layer: int, salt: int) -> torch.
     """``k`` of ``total`` units drawn with a generator seeded per (seed, layer, block)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + layer * 2 + salt)
     return torch.randperm(total, generator=g)[:k].sort().values
+
+
+def random_expert_units(experts: int, total: int, k: int, seed: int, layer: int) -> torch.Tensor:
+    """``k`` of ``total`` channels per expert, each expert its own draw: (E, k), rows ascending."""
+    rows = []
+    for e in range(experts):  # one generator per (seed, layer, expert), apart from random_units' seeds
+        g = torch.Generator().manual_seed(((seed * 1_000_003 + layer) * 1_000_033 + e) * 2 + 1)
+        rows.append(torch.randperm(total, generator=g)[:k].sort().values)
+    return torch.stack(rows)

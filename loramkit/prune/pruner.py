@@ -29,7 +29,7 @@ from .. import progress
 from ..memory import return_large_blocks_to_os
 from ..families.geometry import LayerDims, layer_index_maps, pruned_shape, slice_tensor
 from ..families.pruning_rules import IMPORTANCE_KINDS, plan_layers
-from .importance import group_scores, random_units, top_units
+from .importance import expert_channel_scores, group_scores, random_expert_units, random_units, top_units
 from .calibration import (
     CALIBRATED,
     DEFAULT_BUDGET,
@@ -46,8 +46,9 @@ from .calibration import (
 def _check_tensors(ckpt: Checkpoint, arch: ArchSpec) -> None:
     names = set(ckpt.names())
     for i in range(arch.num_hidden_layers):
-        for role in arch.family.modules:
-            name = f"{arch.family.module(i, role)}.weight"
+        per_layer = [arch.family.module(i, r, e) for r in arch.family.modules
+                     for e in (range(arch.num_experts) if arch.family.per_expert(r) else [None])]  # fmt: skip
+        for name in (f"{m}.weight" for m in dict.fromkeys(per_layer)):
             if name not in names:
                 raise BaseModelError(f"{ckpt.path}: tensor {name} is missing; the checkpoint is incomplete")
             info = ckpt.info(name)
@@ -121,6 +122,8 @@ def prune(
 
         calib_record = None
         taylor: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if importance in CALIBRATED and arch.num_experts:
+            raise LoramError(f"{importance} importance is not yet available for mixtures of experts; use magnitude or random")
         if importance in CALIBRATED:
             offload = None if offload_dir is None else Path(offload_dir)
             check_offload_dir(offload)
@@ -165,17 +168,21 @@ def _kept_units(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept KV groups, kept MLP channels) of one pruned layer, ascending."""
     i, k_kv, k_ch = dims.index, dims.kv_heads[1], dims.intermediate[1]
+    E = arch.num_experts  # a mixture of experts: channels kept per expert, (E, k_ch)
     if importance == "random":
         return (
             random_units(arch.num_key_value_heads, k_kv, seed, i, 0),
-            random_units(arch.intermediate_size, k_ch, seed, i, 1),
+            random_expert_units(E, arch.intermediate_size, k_ch, seed, i) if E else random_units(arch.intermediate_size, k_ch, seed, i, 1),
         )
     if importance in CALIBRATED:
         kv, ch = taylor[i]
     else:  # magnitude: L2 norm over the group's weights, one tensor in memory at a time
         names = set(ckpt.names())
-        kv, ch = group_scores(arch, i, lambda n: ckpt.get(n).float().square() if n in names else None)
-        kv, ch = kv.sqrt(), ch.sqrt()
+        squares = lambda n: ckpt.get(n).float().square() if n in names else None  # noqa: E731
+        kv, ch = group_scores(arch, i, squares)
+        kv, ch = kv.sqrt(), (expert_channel_scores(arch, i, squares) if E else ch).sqrt()
+    if E:
+        return top_units(kv, k_kv), torch.stack([top_units(row, k_ch) for row in ch])
     return top_units(kv, k_kv), top_units(ch, k_ch)
 
 
@@ -203,9 +210,9 @@ def _stream(
     placeholder: dict[str, torch.Tensor] = {}
     for d in layers:
         if d.pruned:
-            placeholder |= layer_index_maps(
-                arch, d.index, torch.arange(d.kv_heads[1]), torch.arange(d.intermediate[1]), tensor_names
-            )
+            channels = torch.arange(d.intermediate[1])
+            channels = channels.expand(arch.num_experts, -1) if arch.num_experts else channels  # (E, k): per expert
+            placeholder |= layer_index_maps(arch, d.index, torch.arange(d.kv_heads[1]), channels, tensor_names)
     out_entries = []
     for n in names:
         info = ckpt.info(n)

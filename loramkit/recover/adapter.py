@@ -20,6 +20,7 @@ from ..bundle.fsutil import read_json, staged_dir, write_json
 from ..bundle.card import compose as compose_card, tags_of as card_tags_of
 from ..bundle.manifest import ADAPTER_RECORD_NAME as ADAPTER_RECORD, BUNDLE_TAG_PREFIX, MANIFEST_NAME, bundle_tag
 from ..errors import AdapterError, BundleError
+from .experts import expert_param, recover_expert, targeted_params
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -28,10 +29,10 @@ _PREFIX = "base_model.model."
 # Embedding parts are ParameterDict entries, saved without ".weight" (..embed_tokens.lora_embedding_A).
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)\.(?P<part>lora_[AB](?=\.weight$)|lora_embedding_[AB](?=$))(?:\.weight)?$")
 # LoRA options that change what the weights mean; recovery cannot scatter these.
+# (target_parameters: only a mixture of experts' fused expert tensors, see recover/experts.py.)
 _UNSUPPORTED = {
     "use_dora": "DoRA",
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on parameters (target_parameters)",
     "lora_bias": "LoRA bias (lora_bias)",
     "use_qalora": "QA-LoRA",
     "trainable_token_indices": "trainable tokens",
@@ -159,6 +160,7 @@ def recover_tensors(adapter: Adapter, b: Bundle) -> dict[str, torch.Tensor]:
     maps = b.index_maps
     out: dict[str, torch.Tensor] = {}
     family = b.arch.family
+    targeted_params(adapter.config, b.arch, adapter.path)  # refuses target_parameters other than experts
     # PEFT also saves the (never pruned) embedding / lm_head weights when they are LoRA
     # targets; inference must use the original model's own, so those copies are dropped.
     saved_base_layers = {f"{_PREFIX}{m}.base_layer.weight" for m in (family.embeddings, family.lm_head)}
@@ -172,6 +174,10 @@ def recover_tensors(adapter: Adapter, b: Bundle) -> dict[str, torch.Tensor]:
                 f"(modules_to_save and other extras are unsupported); train with LoRA only"
             )
         module, part = m["module"], m["part"]
+        expert = expert_param(module, adapter.config, b.arch, adapter.path)
+        if expert is not None:  # LoRA on a layer's fused expert tensors: each expert to its own channels
+            out[key] = recover_expert(t, part, *expert, b.arch, maps, key, adapter.path)
+            continue
         weight = f"{module}.weight"
         if weight not in base_tensors and b.arch.tie_word_embeddings and module == family.lm_head:
             weight = f"{family.embeddings}.weight"  # a tied lm_head is stored as the embeddings

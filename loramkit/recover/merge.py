@@ -23,7 +23,9 @@ from ..bundle.fsutil import staged_dir
 from ..bundle.hashing import config_sha256
 from ..bundle.safetensors_io import StreamingWriter, tensor_sha256
 from ..errors import AdapterError, BaseModelError
+from ..families import ArchSpec
 from .adapter import _KEY, Adapter, check_plain_lora
+from .experts import expert_deltas, expert_param, targeted_params
 
 
 def _scaling(config: dict[str, Any], module: str, r: int) -> float:
@@ -35,8 +37,8 @@ def _scaling(config: dict[str, Any], module: str, r: int) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def _deltas(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]:
-    """weight name -> (B, A, scaling, is_embedding)."""
+def _deltas(adapter: Adapter, arch: ArchSpec | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]:
+    """weight name -> (B, A, scaling, is_embedding); ``arch`` for LoRA on expert tensors (target_parameters)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in adapter.tensors.items():
         m = _KEY.match(key)
@@ -49,6 +51,11 @@ def _deltas(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, flo
         a, b = (p.get("lora_embedding_A"), p.get("lora_embedding_B")) if emb else (p.get("lora_A"), p.get("lora_B"))
         if a is None or b is None:
             raise AdapterError(f"{adapter.path}: {module} lacks its A or B matrix")
+        expert = expert_param(module, adapter.config, arch, adapter.path) if arch is not None else None
+        if expert is not None:  # a ParamWrapper on fused experts: lora_A is [r * E, in]
+            scale = _scaling(adapter.config, module, a.shape[0] // arch.num_experts)
+            out |= expert_deltas(*expert, b, a, scale, arch)
+            continue
         out[f"{module}.weight"] = (b, a, _scaling(adapter.config, module, a.shape[0]), emb)
     return out
 
@@ -72,9 +79,13 @@ def merge_adapter(
     check_plain_lora(adapter.config, adapter.path)
     if adapter.config.get("fan_in_fan_out"):
         raise AdapterError(f"{adapter.path}: fan_in_fan_out adapters (GPT-2 Conv1D) are unsupported")
-    deltas = _deltas(adapter)
     base_dir = Path(base_dir)
     with Checkpoint(base_dir) as ckpt:
+        arch = None
+        if adapter.config.get("target_parameters"):  # only a mixture of experts' expert tensors
+            arch = ArchSpec.from_config(ckpt.config)
+            targeted_params(adapter.config, arch, adapter.path)
+        deltas = _deltas(adapter, arch)
         fingerprint = bundle.base["tensors"] if bundle else None
         if bundle is not None:
             if config_sha256(ckpt.config) != bundle.base["config_sha256"]:

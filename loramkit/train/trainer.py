@@ -85,12 +85,19 @@ def train(
     model = load_pruned_model(b, dtype=compute, compute_dtype=compute, device=dev)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model, input_grads=True)
-    # The default names the seven separate projections; a family with fused ones (Phi-3) has its own names.
-    modules = b.arch.family.lora_targets if tuple(config.target_modules) == DEFAULT_TARGETS else config.target_modules
+    # The default names the seven separate projections; a family with fused ones (Phi-3) has its own
+    # names, and a mixture of experts adds its fused expert tensors as PEFT target_parameters.
+    default = tuple(config.target_modules) == DEFAULT_TARGETS
+    modules = b.arch.family.lora_targets if default else config.target_modules
     targets = list(modules) + (["lm_head"] if config.lm_head else [])
+    expert_params = list(b.arch.family.lora_target_parameters) if default else []
+    dropout = config.dropout
+    if expert_params and dropout:
+        log(f"LoRA dropout 0 instead of {dropout}: PEFT's LoRA on expert tensors (target_parameters) takes no dropout")
+        dropout = 0.0
     lora = peft.LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
-        use_rslora=config.rslora, task_type="CAUSAL_LM",
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=dropout, target_modules=targets,
+        target_parameters=expert_params or None, use_rslora=config.rslora, task_type="CAUSAL_LM",
     )  # fmt: skip
     torch.manual_seed(config.seed)  # LoRA A init
     try:

@@ -112,3 +112,13 @@ def test_lazy_names_resolve():
     """Every lazily exported name imports (so the laziness hides no broken path)."""
     for name in loramkit.__all__:
         assert getattr(loramkit, name) is not None, name
+
+
+def test_the_schema_has_one_copy_and_the_spec_links_to_it():
+    from loramkit.bundle.manifest import SCHEMA_PATH
+
+    repo = PACKAGE.parent
+    tops = [d for d in repo.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in ("build", "dist")]
+    copies = sorted(p.relative_to(repo).as_posix() for top in tops for p in top.rglob("bundle-v*.schema.json"))
+    assert copies == [SCHEMA_PATH.relative_to(repo).as_posix()]
+    assert "](../loramkit/bundle/bundle-v1.schema.json)" in (repo / "specs" / "bundle-v1.md").read_text(encoding="utf-8")

@@ -102,6 +102,12 @@ def test_import_loramkit_loads_no_torch():
     assert _heavy_modules_after("import loramkit; loramkit.LoramError; loramkit.__version__") == []
 
 
+def test_the_format_tables_load_no_torch():
+    """The CLI reads the format's names and tables at startup (choices, file names)."""
+    code = "import loramkit.bundle, loramkit.bundle.manifest, loramkit.bundle.quantization, loramkit.bundle.fsutil, loramkit.cli"
+    assert _heavy_modules_after(code) == []
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["prune", "--help"], ["train", "--help"], ["publish", "--help"]])
 def test_cli_help_loads_no_torch(argv):
     code = f"import contextlib, io\nfrom loramkit.cli import run\nwith contextlib.redirect_stdout(io.StringIO()):\n    assert run({argv!r}) == 0"

@@ -41,11 +41,11 @@ from torch import nn
 
 from .. import progress
 from ..bundle.checkpoint import Checkpoint
-from ..bundle.safetensors_io import tensor_bytes
+from ..bundle.safetensors_io import DTYPES, tensor_bytes
 from ..errors import LoramError
 from ..families import ATTENTION_ROLES, MLP_ROLES, ArchSpec
 from .taylor import DEFINITION as TAYLOR_DEFINITION
-from .taylor import taylor_group_scores
+from .taylor import next_token_targets, taylor_group_scores, token_loss_sum
 
 DEFAULT_SAMPLES = 128  # LLM-Pruner and Minitron calibrate on 128 samples ...
 DEFAULT_SEQ_LEN = 512  # ... of 512 tokens (LoRAM's alignment uses the same block size)
@@ -265,6 +265,21 @@ class _Slot(nn.Module):
         return self._call(self.index, hidden_states, args, kwargs)
 
 
+def _read(ckpt: Checkpoint, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A checkpoint tensor in ``dtype`` on ``device``, converted 16 MiB at a time (no second full copy)."""
+    info = ckpt.info(name)
+    stored = DTYPES[info.dtype]
+    if stored == dtype or info.numel == 0:
+        return ckpt.get(name).to(device, dtype)
+    out = torch.empty(info.shape, dtype=dtype)
+    flat, pos = out.view(-1), 0
+    for piece in ckpt.reader_of(name).chunks(name, 16 << 20):
+        part = torch.frombuffer(piece, dtype=stored)  # a view of the reader's reused buffer
+        flat[pos : pos + part.numel()] = part
+        pos += part.numel()
+    return out.to(device)
+
+
 def _set_param(root: nn.Module, name: str, value: torch.Tensor, requires_grad: bool = False) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, nn.Parameter(value, requires_grad=requires_grad))
@@ -325,7 +340,7 @@ class _Skeleton:
                 stored = f"{self.arch.family.embeddings}.weight"  # tied: lm_head is the embeddings
             if stored not in self.ckpt.where:
                 raise LoramError(f"{self.ckpt.path}: tensor {stored} is missing; the checkpoint is incomplete")
-            _set_param(self.model, name, self.ckpt.get(stored).to(self.device, self.dtype))
+            _set_param(self.model, name, _read(self.ckpt, stored, self.dtype, self.device))
 
     def _unload(self, names: list[str]) -> None:
         for name in names:
@@ -411,7 +426,7 @@ class _Skeleton:
                     f"{self.ckpt.path}: {self.arch.architecture} layer {index} needs tensor {prefix + n}, "
                     "which the checkpoint lacks; calibrated importance cannot read this layout"
                 )
-            _set_param(module, n, self.ckpt.get(prefix + n).to(self.device, self.dtype), n in trainable)
+            _set_param(module, n, _read(self.ckpt, prefix + n, self.dtype, self.device), n in trainable)
         self._real_buffers(module)
         try:
             yield module
@@ -586,19 +601,23 @@ def _taylor(
     _forward_sweep(skel, calib, settings, store, upto=L, keep_from=first)
 
     # Loss from the final norm + lm_head: slot L turns from the last hidden state into dL/d(it).
+    # Both act on each position alone, so the loss runs over spans of positions: a span's logits
+    # are 1/8 of lm_head's size (the run's largest tensors otherwise), still a GEMM of H/8 rows.
+    targets = next_token_targets(calib.ids)  # (N, T)
+    span = max(16, arch.hidden_size // 8)
     with skel.head() as logits_of:
         for start, rows in batches:
-            hidden = store.get(L, start, rows).to(device).requires_grad_(True)
-            logits = logits_of(hidden)  # (rows, T, V)
-            if logits.dtype not in (torch.float32, torch.float64):
-                logits = logits.float()  # the loss in at least fp32, as transformers computes it
-            ids = calib.ids[start : start + rows].to(device)
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-            ) / predicted
-            loss.backward()
-            store.put(L, start, hidden.grad)
-            del hidden, logits, loss
+            hidden = store.get(L, start, rows)  # (rows, T, H)
+            grad = torch.empty_like(hidden)
+            for r in range(rows):
+                for p in range(0, calib.seq_len, span):
+                    h = hidden[r : r + 1, p : p + span].to(device).requires_grad_(True)  # (1, span, H)
+                    loss = token_loss_sum(logits_of(h), targets[start + r : start + r + 1, p : p + span].to(device))
+                    (loss / predicted).backward()
+                    grad[r, p : p + span] = h.grad[0]
+                    del h, loss
+            store.put(L, start, grad)
+            del hidden, grad
 
     scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     acc_dtype = torch.float64 if settings.dtype == torch.float64 else torch.float32
@@ -629,8 +648,7 @@ def _taylor(
                 store.drop(i + 1)
                 if i in wanted:
                     prefix = f"{arch.family.layers_prefix}.{i}."
-                    params = {prefix + n: (module.get_parameter(n).detach(), acc[n]) for n in trainable}
-                    scores[i] = taylor_group_scores(arch, i, params)
+                    scores[i] = taylor_group_scores(arch, i, {prefix + n: (module.get_parameter(n).detach(), acc[n]) for n in trainable})
                 del acc
             advance(1)
     return scores

@@ -30,6 +30,22 @@ DEFINITION = (
 )
 
 
+def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
+    """(rows, T) -> (rows, T): position t predicts token t + 1; the last position predicts nothing (-100).
+
+    Aligned with the positions, the logits need no shifted copy (at a 128k vocabulary that
+    copy is as large as the logits) and any span of positions has its own targets.
+    """
+    return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-entropies of ``logits`` (rows, T, V) for ``targets`` (rows, T), in at least fp32."""
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # as transformers computes the loss
+    return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+
+
 def taylor_group_scores(
     arch: ArchSpec, layer: int, params: dict[str, tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,14 +94,9 @@ def whole_model_taylor_scores(
     if scored:
         for start in range(0, calib.num_samples, micro_batch):
             ids = calib.ids[start : start + micro_batch].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits
-            if logits.dtype not in (torch.float32, torch.float64):
-                logits = logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-            ) / predicted
+            loss = token_loss_sum(model(input_ids=ids, use_cache=False).logits, next_token_targets(ids)) / predicted
             loss.backward()
-            del logits, loss
+            del loss
     out = {}
     for i in layers:
         named = {n: (params[n].detach(), params[n].grad) for n in scored if arch.family.layer_of(n.rsplit(".", 1)[0]) == i}

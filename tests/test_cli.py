@@ -540,3 +540,19 @@ def test_known_noise_matches_what_the_libraries_say(make_base_dir):
     said = [str(w.message) for w in seen]
     for pattern in cli.KNOWN_NOISE:
         assert any(re.match(pattern, m) for m in said), (pattern, said)
+
+
+def test_train_align_eval_json(capsys, bundle, tmp_path):
+    from tests.factory import sample_texts
+
+    data = tmp_path / "train.txt"
+    data.write_text("\n\n".join(sample_texts(120, seed=5)))
+    short = ("--max-steps", "2", "--seq-len", "32")
+    rc, s = run_json(capsys, "train", bundle, "--data", data, "--out", tmp_path / "adapter", *short, "--data-format", "text")
+    assert rc == 0 and s["steps"] == 2 and s["data_format"] == "text" and (tmp_path / "adapter" / "adapter_config.json").is_file()
+    rc, s = run_json(capsys, "align", bundle, "--data", data, "--out", tmp_path / "aligned", *short, "--warmup-steps", "0")
+    assert rc == 0 and s["steps"] == 2 and s["bundle_id"] == manifest(tmp_path / "aligned")["bundle_id"]
+    rc, s = run_json(capsys, "eval", bundle, "--data", data, "--seq-len", "32", "--data-format", "text")
+    assert rc == 0 and s["examples"] > 0 and s["loss"] > 0 and s["data_format"] == "text"
+    rc, out, err = run_cli(capsys, "eval", bundle, "--data", data, "--data-format", "csv")
+    assert rc == 2 and "'csv' is not one of" in err

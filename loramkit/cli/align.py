@@ -1,4 +1,4 @@
-"""loramkit align BUNDLE --data CORPUS --out BUNDLE2"""
+"""loramkit align BUNDLE --data CORPUS --out BUNDLE2 [--json]"""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Annotated, Optional
 import typer
 
 from ..precision import PrecisionChoice
-from ._common import Device, Endpoint, KeepCheckpoints, Overwrite, Precision, Resume, SaveEvery, Token, console, err
+from ._common import (
+    AsJson, Device, Endpoint, KeepCheckpoints, Overwrite, Precision, Resume, SaveEvery, Token, console, err, print_json,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -44,6 +46,7 @@ def register(app: typer.Typer) -> None:
         overwrite: Overwrite = False,
         endpoint: Endpoint = None,
         token: Token = None,
+        as_json: AsJson = False,
     ) -> None:
         """Continual pre-training of a bundle's pruned model (full-parameter, lm_head frozen): a new, aligned bundle."""
         from ..train.align import align
@@ -63,6 +66,8 @@ def register(app: typer.Typer) -> None:
                   overwrite=overwrite, device=device, log=lambda m: err.print(m))  # fmt: skip
         if not main:
             return
+        if as_json:
+            return print_json(s)
         c = s["corpus"]
         rows = [
             ("bundle", f"{s['bundle_id']} (from {s['parent_bundle_id']})"),

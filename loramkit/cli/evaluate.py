@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +9,7 @@ import typer
 
 from ..errors import LoramError
 from ..precision import PrecisionChoice
-from ._common import Endpoint, Precision, Token, console
+from ._common import AsJson, DataFormat, Endpoint, Precision, Token, console, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -21,10 +20,10 @@ def register(app: typer.Typer) -> None:
         adapter: Annotated[Optional[str], typer.Option(help="A PEFT LoRA adapter (directory or Hub repo id) to apply first.")] = None,
         seq_len: Annotated[Optional[int], typer.Option(help="Tokens per example [default: 512, or less if the model takes less].")] = None,
         micro_batch: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
-        data_format: Annotated[str, typer.Option(help="auto | text | jsonl-text | instructions | chat.")] = "auto",
+        data_format: Annotated[DataFormat, typer.Option(help="How --data is read (auto: from the file).")] = DataFormat.auto,
         precision: Precision = PrecisionChoice.auto,
         device: Annotated[str, typer.Option(help="cpu, cuda ...")] = "cpu",
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+        as_json: AsJson = False,
         endpoint: Endpoint = None,
         token: Token = None,
     ) -> None:
@@ -64,15 +63,14 @@ def register(app: typer.Typer) -> None:
             tok = AutoTokenizer.from_pretrained(model_path)
         except (OSError, ValueError) as exc:
             raise LoramError(f"{model}: no usable tokenizer ({exc})") from None
-        examples, fmt = load_examples(data, tok, seq_len, fmt=data_format)
+        examples, fmt = load_examples(data, tok, seq_len, fmt=data_format.value)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         result = evaluate(m, examples, pad_id, micro_batch, prec.autocast_dtype)
         result["precision"] = prec.name
         result |= {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),
                    "data_format": fmt, "examples": len(examples)}  # fmt: skip
         if as_json:
-            print(json.dumps(result, indent=2))
-            return
+            return print_json(result)
         console.print(
             f"{model}{' + ' + str(adapter) if adapter else ''} on {data} ({len(examples)} {fmt} examples, "
             f"{result['tokens']:,} tokens): loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "

@@ -1,4 +1,4 @@
-"""loramkit train BUNDLE --data FILE --out ADAPTER"""
+"""loramkit train BUNDLE --data FILE --out ADAPTER [--json]"""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import typer
 from rich.table import Table
 
 from ..precision import PrecisionChoice
-from ._common import Device, Endpoint, KeepCheckpoints, Overwrite, Precision, Resume, SaveEvery, Token, console, err
+from ._common import (
+    AsJson, DataFormat, Device, Endpoint, KeepCheckpoints, Overwrite, Precision, Resume, SaveEvery, Token, console, err, print_json,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -43,11 +45,12 @@ def register(app: typer.Typer) -> None:
         save_every: SaveEvery = 0,
         keep_checkpoints: KeepCheckpoints = False,
         resume: Resume = False,
-        data_format: Annotated[str, typer.Option(help="auto | text | jsonl-text | instructions | chat.")] = "auto",
+        data_format: Annotated[DataFormat, typer.Option(help="How --data is read (auto: from the file).")] = DataFormat.auto,
         device: Device = None,
         overwrite: Overwrite = False,
         endpoint: Endpoint = None,
         token: Token = None,
+        as_json: AsJson = False,
     ) -> None:
         """Train a LoRA adapter on a bundle's pruned model (runs unchanged under torchrun)."""
         from ..train.config import DEFAULT_TARGETS, TrainConfig
@@ -58,7 +61,7 @@ def register(app: typer.Typer) -> None:
             rslora=rslora, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, epochs=epochs,
             max_steps=max_steps, micro_batch=micro_batch, grad_accum=grad_accum, seq_len=seq_len,
             gradient_checkpointing=gradient_checkpointing, precision=precision.value, seed=seed, eval_split=eval_split,
-            eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints, data_format=data_format,
+            eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints, data_format=data_format.value,
         )  # fmt: skip
         main = int(os.environ.get("RANK", "0")) == 0
         from ..hub.resolve import HubRef, bundle_dir, identity, parse_ref
@@ -70,6 +73,8 @@ def register(app: typer.Typer) -> None:
                   log=lambda m: err.print(m))  # fmt: skip
         if not main:
             return
+        if as_json:
+            return print_json(s)
         table = Table(title=f"trained {out}", show_header=False)
         rows = [
             ("steps", f"{s['steps']:,} ({s['examples']:,} {s['data_format']} examples, {s['world_size']} process(es))"),

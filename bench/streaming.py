@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loramkit.bundle.checkpoint import plan_shards, shard_names  # noqa: E402
+from loramkit.bundle.model_dir import plan_shards, shard_names  # noqa: E402
 from loramkit.bundle.safetensors_io import StreamingWriter  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

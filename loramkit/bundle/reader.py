@@ -11,7 +11,7 @@ import torch
 from ..errors import BundleError
 from ..families import ArchSpec
 from ..families.geometry import LayerDims
-from .checkpoint import Checkpoint
+from .model_dir import Checkpoint
 from .fsutil import read_json
 from .hashing import sha256_file
 from .manifest import load_manifest

@@ -14,7 +14,7 @@ from ..families.pruning_rules import IMPORTANCE_KINDS, ROUNDING_RULES, plan_laye
 from .hashing import config_sha256
 from .manifest import CARD_NAME, MANIFEST_NAME, bundle_id
 from . import quantization as qformat
-from .checkpoint import Checkpoint
+from .model_dir import Checkpoint
 from .reader import Bundle
 from .safetensors_io import DTYPES, tensor_sha256
 

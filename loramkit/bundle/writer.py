@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import TOKENIZER_FILES
+from .model_dir import TOKENIZER_FILES
 from .fsutil import write_json
 from .hashing import sha256_file
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, bundle_id, created_by, now_utc

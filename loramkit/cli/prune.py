@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
           taylor      sum of |w * dL/dw| over each unit's weights, L the calibration loss (LoRAM-Stru, LLM-Pruner)
           activation  mean magnitude of each head's and channel's output on calibration text (Minitron; no gradients)
         """
-        from ..bundle.checkpoint import parse_size
+        from ..bundle.model_dir import parse_size
         from ..prune.pruner import prune
         from ..pipeline import prune_quantized
 

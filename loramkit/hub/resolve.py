@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bundle.checkpoint import INDEX_NAME, TOKENIZER_FILES
+from ..bundle.model_dir import INDEX_NAME, TOKENIZER_FILES
 from ..bundle.manifest import ADAPTER_RECORD_NAME, MANIFEST_NAME
 from ..errors import BaseModelError, BundleError, LoramError
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .. import progress
-from ..bundle.checkpoint import Checkpoint
+from ..bundle.model_dir import Checkpoint
 from ..bundle.safetensors_io import DTYPES, tensor_bytes
 from ..errors import LoramError
 from ..families import ATTENTION_ROLES, MLP_ROLES, ArchSpec

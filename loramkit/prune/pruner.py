@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..bundle import card
-from ..bundle.checkpoint import INDEX_NAME, Checkpoint, parse_size, plan_shards, shard_names
+from ..bundle.model_dir import INDEX_NAME, Checkpoint, parse_size, plan_shards, shard_names
 from ..bundle.fsutil import staged_dir, write_json
 from ..bundle.hashing import config_sha256
 from ..bundle.manifest import INDEX_MAPS_NAME

@@ -26,7 +26,7 @@ from .. import progress
 from ..memory import return_large_blocks_to_os
 from ..bundle import Bundle, card
 from ..bundle import quantization as qformat
-from ..bundle.checkpoint import INDEX_NAME, parse_size, plan_shards, shard_names
+from ..bundle.model_dir import INDEX_NAME, parse_size, plan_shards, shard_names
 from ..bundle.fsutil import staged_dir, write_json
 from ..bundle.safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsReader, StreamingWriter, nbytes_of, tensor_bytes
 from ..bundle.writer import finalize, new_manifest

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..bundle import Bundle
 from ..bundle import quantization as qformat
-from ..bundle.checkpoint import Checkpoint
+from ..bundle.model_dir import Checkpoint
 from ..errors import BundleError
 from .layers import build_linear4bit
 

@@ -18,7 +18,7 @@ import torch
 from .. import progress
 from ..memory import return_large_blocks_to_os
 from ..bundle import Bundle
-from ..bundle.checkpoint import INDEX_NAME, TOKENIZER_FILES, Checkpoint
+from ..bundle.model_dir import INDEX_NAME, TOKENIZER_FILES, Checkpoint
 from ..bundle.fsutil import staged_dir
 from ..bundle.hashing import config_sha256
 from ..bundle.safetensors_io import StreamingWriter, tensor_sha256

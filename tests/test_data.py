@@ -456,3 +456,47 @@ def test_collate_real_examples_never_label_the_pad_id(tmp_path, tok):
 def test_example_lengths_must_match():
     with pytest.raises(ValueError):
         Example([1, 2, 3], [1, 2])
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+
+def test_long_documents_are_encoded_in_pieces_with_the_ids_of_the_whole(tok, monkeypatch):
+    """Pieces are cut before a newline or a space, where the pre-tokenizer splits anyway."""
+    import random
+
+    import loramkit.train.data as data
+
+    rng = random.Random(0)
+    words = " ".join(sample_texts(50, seed=4)).split()
+    doc = "".join(rng.choice(words) + rng.choice([" ", " ", "  ", "\n", ", "]) for _ in range(3000))
+    whole = tok(doc, add_special_tokens=False)["input_ids"]
+    for limit in (40, 97, 1000):
+        pieces = list(data.text_pieces(doc, limit))
+        assert "".join(pieces) == doc and all(len(p) <= limit for p in pieces) and len(pieces) > 1
+        assert all(p[0] in " \n" for p in pieces[1:])
+        monkeypatch.setattr(data, "_MAX_PIECE_CHARS", limit)
+        stream = [t for piece in data.document_tokens(["short one", doc, "another"], tok) for t in piece]
+        assert stream == list(data.document_tokens(["short one"], tok))[0].tolist() + [
+            t for t in [BOS_ID, *whole, EOS_ID]
+        ] + [BOS_ID, *tok("another", add_special_tokens=False)["input_ids"], EOS_ID]
+    assert list(data.text_pieces("x" * 10, 4)) == ["xxxx", "xxxx", "xx"]  # no whitespace: hard cuts
+
+
+def test_packed_text_is_stored_as_int32_blocks(tmp_path, tok):
+    from loramkit.train.data import PackedBlocks
+
+    p = tmp_path / "t.txt"
+    p.write_text("\n\n".join(sample_texts(60, seed=2)))
+    examples, stats = load_examples_with_stats(p, tok, 16)
+    assert isinstance(examples, PackedBlocks) and examples.tokens.dtype == torch.int32
+    assert examples.tokens.shape == (len(examples), 16) and stats.tokens == examples.tokens.numel()
+    assert examples[0].input_ids == examples[0].labels == examples.tokens[0].tolist()
+
+
+def test_an_instruction_row_far_longer_than_the_sequence_is_skipped(tmp_path, tok):
+    rows = [{"instruction": "Say hi.", "output": "hi"}, {"instruction": "x " * 5000, "output": "too long"}]
+    path = write_jsonl(tmp_path / "i.jsonl", rows)
+    examples, stats = load_examples_with_stats(path, tok, 64)
+    assert len(examples) == 1 and stats.skipped_rows == 1
+    assert any("characters (64 per token of --seq-len)" in r for r in stats.skip_reasons)

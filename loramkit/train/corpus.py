@@ -31,46 +31,17 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import torch
 
 from ..bundle.hashing import sha256_file
 from ..errors import LoramError
-from .data import Example, _json_rows, _read_text, _SkipRow, _text_documents, _text_of, document_tokens
+from .data import PackedBlocks, _json_rows, _read_text, _SkipRow, _text_documents, _text_of, document_tokens
 
 __all__ = ["CORPUS_SUFFIXES", "Corpus", "PackedBlocks", "corpus_files", "corpus_digest", "load_corpus"]
 
 CORPUS_SUFFIXES = (".txt", ".jsonl")
-
-
-class PackedBlocks(Sequence[Example]):
-    """Token blocks of one length, stored as an int32 tensor ``(N, T)``; item ``i`` is an Example."""
-
-    def __init__(self, tokens: torch.Tensor):
-        if tokens.dim() != 2:
-            raise ValueError(f"blocks must be (N, T), got {tuple(tokens.shape)}")
-        self.tokens = tokens  # (N, T) int32
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    @overload
-    def __getitem__(self, i: int) -> Example: ...
-    @overload
-    def __getitem__(self, i: slice) -> PackedBlocks: ...
-    def __getitem__(self, i: int | slice) -> Example | PackedBlocks:
-        if isinstance(i, slice):
-            return PackedBlocks(self.tokens[i])
-        ids = self.tokens[i].tolist()
-        return Example(ids, list(ids))  # every token is trained (the model shifts labels)
-
-    def select(self, indices: Sequence[int]) -> PackedBlocks:
-        return PackedBlocks(self.tokens[torch.as_tensor(list(indices), dtype=torch.long)])
-
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens.numel()
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from array import array
+from typing import Any, overload
 
 import torch
 
@@ -108,6 +109,14 @@ _EXPECTED = {
 }
 
 _TOKENIZE_BATCH = 256  # documents per tokenizer call when packing
+# A fast tokenizer keeps offsets and token strings for everything it encodes in one call
+# (~450 bytes a token): a 50 MB one-line document would take 7 GiB. Longer documents are
+# encoded in pieces of at most this many characters, cut before a newline or a space, where
+# pre-tokenizers split anyway (so the ids are those of the whole; tested).
+_MAX_PIECE_CHARS = 1 << 16
+# A row of the instruction or chat formats longer than this many characters per token of
+# --seq-len is skipped (only its first --seq-len tokens could train) instead of encoded whole.
+_MAX_ROW_CHARS_PER_TOKEN = 64
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,42 @@ class Example:
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
             raise ValueError(f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) differ in length")
+
+
+class PackedBlocks(Sequence[Example]):
+    """Token blocks of one length, stored as an int32 tensor ``(N, T)``; item ``i`` is an Example."""
+
+    def __init__(self, tokens: torch.Tensor):
+        if tokens.dim() != 2:
+            raise ValueError(f"blocks must be (N, T), got {tuple(tokens.shape)}")
+        self.tokens = tokens  # (N, T) int32
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @overload
+    def __getitem__(self, i: int) -> Example: ...
+    @overload
+    def __getitem__(self, i: slice) -> PackedBlocks: ...
+    def __getitem__(self, i: int | slice) -> Example | PackedBlocks:
+        if isinstance(i, slice):
+            return PackedBlocks(self.tokens[i])
+        ids = self.tokens[i].tolist()
+        return Example(ids, list(ids))  # every token is trained (the model shifts labels)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PackedBlocks):
+            return torch.equal(self.tokens, other.tokens)
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # mutable-like, as a list
+
+    def select(self, indices: Sequence[int]) -> PackedBlocks:
+        return PackedBlocks(self.tokens[torch.as_tensor(list(indices), dtype=torch.long)])
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.numel()
 
 
 @dataclass(frozen=True)
@@ -368,7 +413,7 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def document_tokens(docs: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
+def document_tokens(docs: Iterable[str], tokenizer: Any) -> Iterator[array]:
     """Each document's token ids with its separators: ``[bos] ids [eos]``.
 
     bos and eos are added when the tokenizer has them; bos is not repeated right after an
@@ -377,35 +422,75 @@ def document_tokens(docs: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
     """
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     last: int | None = None  # last token of the stream so far
+    for ids in _encoded_documents(docs, tokenizer):
+        piece = array("i", [bos] if bos is not None and last != bos else [])  # bos == eos (GPT-2): one separator
+        piece.extend(ids)
+        if eos is not None:
+            piece.append(eos)
+        last = piece[-1] if piece else last
+        yield piece
+
+
+def _encoded_documents(docs: Iterable[str], tokenizer: Any) -> Iterator[Sequence[int]]:
+    """Each document's ids: short ones ``_TOKENIZE_BATCH`` to a call, a long one piece by piece
+    (memory near one piece's encoding plus 4 bytes a token, however long the document)."""
     for batch in _batched(docs, _TOKENIZE_BATCH):
-        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
-            piece = [bos] if bos is not None and last != bos else []  # bos == eos (GPT-2): one separator, not two
-            piece.extend(ids)
-            if eos is not None:
-                piece.append(eos)
-            last = piece[-1] if piece else last
-            yield piece
+        short = [len(doc) <= _MAX_PIECE_CHARS for doc in batch]
+        encoded = iter(encode_ids(tokenizer, [doc for doc, ok in zip(batch, short) if ok]))
+        for doc, ok in zip(batch, short):
+            if ok:
+                yield next(encoded)
+                continue
+            ids = array("i")
+            for pieces in _batched(text_pieces(doc), 4):
+                for piece_ids in encode_ids(tokenizer, pieces):
+                    ids.extend(piece_ids)
+            yield ids
+
+
+def encode_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens, nothing else kept (no masks or type ids)."""
+    if not texts:
+        return []
+    out = tokenizer(texts, add_special_tokens=False, verbose=False, return_attention_mask=False,
+                    return_token_type_ids=False)["input_ids"]  # fmt: skip
+    return list(out)
+
+
+def text_pieces(text: str, limit: int = _MAX_PIECE_CHARS) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``limit`` characters, each (but the first)
+    starting at a newline or a space when there is one in the window, so that encoding the
+    pieces gives the ids of encoding the whole (pre-tokenizers split before whitespace)."""
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = max(text.rfind("\n", start + 1, end), text.rfind(" ", start + 1, end))
+        cut = cut if cut > start else end  # no whitespace in the window: a hard cut
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _packed(
     path: Path,
     docs: Sequence[str], tokenizer: Any, seq_len: int, fmt: str, *, rows: int, skips: Counter
 ) -> tuple[list[Example], DataStats]:
-    blocks: list[list[int]] = []
-    stream: list[int] = []  # tokens not yet in a block (< seq_len after each document)
+    # 4 bytes a token (int32), as align's corpus: a Python list would take ~50.
+    stream = array("i")
     for piece in document_tokens(docs, tokenizer):
         stream.extend(piece)
-        full = len(stream) // seq_len * seq_len
-        blocks.extend(stream[s : s + seq_len] for s in range(0, full, seq_len))
-        del stream[:full]
-    tail = len(stream)
-    if not blocks and stream:  # shorter than one block: keep it whole, unpadded
-        blocks, tail = [stream], 0
-    # A single block of one token would carry no loss (the model shifts labels).
-    examples = [Example(block, list(block)) for block in blocks if len(block) >= 2]
+    n_blocks = len(stream) // seq_len
+    examples: Sequence[Example]
+    if n_blocks:
+        tail = len(stream) - n_blocks * seq_len
+        tokens_t = torch.frombuffer(stream, dtype=torch.int32)[: n_blocks * seq_len].clone()
+        examples = PackedBlocks(tokens_t.view(n_blocks, seq_len))  # (N, T)
+    else:  # shorter than one block: keep it whole, unpadded; a single token would carry no loss
+        tail = 0
+        examples = [Example(stream.tolist(), stream.tolist())] if len(stream) >= 2 else []
     if not examples:
         raise _no_usable_rows(path, fmt, skips)
-    tokens = sum(len(ex.input_ids) for ex in examples)
+    tokens = n_blocks * seq_len if n_blocks else len(examples[0].input_ids)
     stats = DataStats(
         fmt=fmt,
         rows=rows,
@@ -429,8 +514,11 @@ def _per_row(
     examples: list[Example] = []
     skips: Counter = Counter()
     truncated = dropped = 0
+    max_chars = _MAX_ROW_CHARS_PER_TOKEN * seq_len
     for loc, row in rows:
         try:
+            if _chars(row) > max_chars:
+                raise _SkipRow(f"longer than {max_chars:,} characters ({_MAX_ROW_CHARS_PER_TOKEN} per token of --seq-len)")
             if fmt == "instructions":
                 ids, labels = _encode_instruction(path, loc, row, tokenizer, has_template)
             else:
@@ -460,6 +548,17 @@ def _per_row(
         dropped_examples=dropped,
     )
     return examples, stats
+
+
+def _chars(row: Any) -> int:
+    """Characters in every string of a parsed JSON row (bounded work: the row is in memory)."""
+    if isinstance(row, str):
+        return len(row)
+    if isinstance(row, dict):
+        return sum(_chars(v) for v in row.values())
+    if isinstance(row, list):
+        return sum(_chars(v) for v in row)
+    return 0
 
 
 def _encode_instruction(

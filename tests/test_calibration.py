@@ -71,58 +71,6 @@ def _scored(arch: ArchSpec, params: dict[str, torch.nn.Parameter], layer: int) -
     return [n for n in dict.fromkeys(names) if n in params]
 
 
-def reference_taylor(base: Path, arch: ArchSpec, layers: list[int], ids: torch.Tensor):
-    """Whole model in float64, one forward over every block, loss = mean token cross-entropy."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
-    model.eval()
-    logits = model(input_ids=ids, use_cache=False).logits  # (N, T, V) float64
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    loss.backward()
-    params = dict(model.named_parameters())
-    return {i: taylor_group_scores(arch, i, {n: (params[n].detach(), params[n].grad) for n in _scored(arch, params, i)}) for i in layers}
-
-
-# ---------------------------------------------------------------------------- exactness
-
-
-def test_engine_taylor_equals_whole_model_autograd(make_base_dir, tmp_path, family_case):
-    base = make_base_dir(family_case)
-    arch, calib = _arch(base), _calib(base, tmp_path)
-    assert calib.ids.shape == (SAMPLES, SEQ_LEN)
-    layers = _pruned(arch)
-    got = calibrated_scores(base, arch, layers, calib, "taylor", F64)
-    want = reference_taylor(base, arch, layers, calib.ids)
-    for i in layers:
-        _close(got[i][0], want[i][0], f"layer {i} kv groups")
-        _close(got[i][1], want[i][1], f"layer {i} channels")
-        assert (got[i][0] > 0).all() and (got[i][1] > 0).all()
-
-
-def test_whole_model_reference_path_agrees(make_base_dir, tmp_path):
-    """taylor.whole_model_taylor_scores (what the benchmark compares with) computes the same scores."""
-    base = make_base_dir("qwen2")
-    arch, calib = _arch(base), _calib(base, tmp_path)
-    got = whole_model_taylor_scores(base, arch, [2, 5], calib, micro_batch=3, dtype=torch.float64)
-    want = reference_taylor(base, arch, [2, 5], calib.ids)
-    for i in (2, 5):
-        _close(got[i][0], want[i][0], f"layer {i} kv groups")
-        _close(got[i][1], want[i][1], f"layer {i} channels")
-
-
-def test_forward_sweep_final_hidden_states(make_base_dir, tmp_path, family_case):
-    base = make_base_dir(family_case)
-    arch, calib = _arch(base), _calib(base, tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
-    seen = {}
-    last = model.get_submodule(f"{arch.family.layers_prefix}.{arch.num_hidden_layers - 1}")
-    last.register_forward_hook(lambda _m, _i, out: seen.setdefault("h", out[0] if isinstance(out, tuple) else out))
-    with torch.no_grad():
-        model(input_ids=calib.ids, use_cache=False)
-    got = final_hidden_states(base, arch, calib, F64)
-    assert got.shape == (SAMPLES, SEQ_LEN, arch.hidden_size)
-    _close(got, seen["h"], "last decoder layer output")
-
-
 def _tap(acc: torch.Tensor, per_token):
     """A forward pre-hook adding ``per_token(input)`` summed over (N, T) to ``acc``; the input is left alone."""
 
@@ -132,27 +80,69 @@ def _tap(acc: torch.Tensor, per_token):
     return hook
 
 
-def test_activation_equals_whole_model(make_base_dir, tmp_path, family_case):
-    """Minitron importance: the same definition measured with hooks on the whole model."""
+def reference(base: Path, arch: ArchSpec, layers: list[int], ids: torch.Tensor):
+    """The whole model in float64, one forward over every block and one backward of the mean token loss.
+
+    Returns the last decoder layer's output (N, T, H), Taylor scores per layer, and activation
+    sums per layer: per-head L2 norms of o_proj's input (H,), |down_proj input| per channel (I,).
+    """
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    model.eval()
+    seen, heads, chans = {}, {}, {}
+    last = model.get_submodule(f"{arch.family.layers_prefix}.{arch.num_hidden_layers - 1}")
+    last.register_forward_hook(lambda _m, _i, out: seen.update(h=(out[0] if isinstance(out, tuple) else out).detach()))  # -> None: output kept
+    for i in layers:
+        heads[i] = torch.zeros(arch.num_attention_heads, dtype=torch.float64)
+        chans[i] = torch.zeros(arch.intermediate_size, dtype=torch.float64)
+        # o_proj input (N, T, H * hd) -> per-head L2 norms (N, T, H); down_proj input (N, T, I)
+        o = model.get_submodule(arch.family.module(i, "o"))
+        o.register_forward_pre_hook(_tap(heads[i], lambda x: x.detach().unflatten(-1, (-1, arch.head_dim)).norm(dim=-1)))
+        model.get_submodule(arch.family.module(i, "down")).register_forward_pre_hook(_tap(chans[i], lambda x: x.detach().abs()))
+    logits = model(input_ids=ids, use_cache=False).logits  # (N, T, V) float64
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    params = dict(model.named_parameters())
+    taylor = {i: taylor_group_scores(arch, i, {n: (params[n].detach(), params[n].grad) for n in _scored(arch, params, i)}) for i in layers}
+    return seen["h"], taylor, heads, chans
+
+
+# ---------------------------------------------------------------------------- exactness
+
+
+def test_engine_equals_whole_model_autograd(make_base_dir, tmp_path, family_case):
+    """Forward sweep, Taylor (reverse sweep) and activation scores against one float64 whole-model pass."""
     base = make_base_dir(family_case)
     arch, calib = _arch(base), _calib(base, tmp_path)
+    assert calib.ids.shape == (SAMPLES, SEQ_LEN)
     layers = _pruned(arch)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
-    heads = {i: torch.zeros(arch.num_attention_heads, dtype=torch.float64) for i in layers}
-    chans = {i: torch.zeros(arch.intermediate_size, dtype=torch.float64) for i in layers}
+    hidden, taylor, heads, chans = reference(base, arch, layers, calib.ids)
+
+    got = final_hidden_states(base, arch, calib, F64)
+    assert got.shape == (SAMPLES, SEQ_LEN, arch.hidden_size)
+    _close(got, hidden, "last decoder layer output")
+
+    got = calibrated_scores(base, arch, layers, calib, "taylor", F64)
     for i in layers:
-        o = model.get_submodule(arch.family.module(i, "o"))
-        down = model.get_submodule(arch.family.module(i, "down"))
-        # o_proj input (N, T, H * hd) -> per-head L2 norms (N, T, H); down_proj input (N, T, I)
-        o.register_forward_pre_hook(_tap(heads[i], lambda x: x.unflatten(-1, (-1, arch.head_dim)).norm(dim=-1)))
-        down.register_forward_pre_hook(_tap(chans[i], torch.abs))
-    with torch.no_grad():
-        model(input_ids=calib.ids, use_cache=False)
+        _close(got[i][0], taylor[i][0], f"taylor layer {i} kv groups")
+        _close(got[i][1], taylor[i][1], f"taylor layer {i} channels")
+        assert (got[i][0] > 0).all() and (got[i][1] > 0).all()
+
     got = calibrated_scores(base, arch, layers, calib, "activation", F64)
     n = calib.ids.numel()
-    for i in layers:
-        _close(got[i][0], (heads[i] / n).view(arch.num_key_value_heads, -1).sum(1), f"layer {i} kv groups")
-        _close(got[i][1], chans[i] / n, f"layer {i} channels")
+    for i in layers:  # a KV group sums its G query heads' mean norms
+        _close(got[i][0], (heads[i] / n).view(arch.num_key_value_heads, -1).sum(1), f"activation layer {i} kv groups")
+        _close(got[i][1], chans[i] / n, f"activation layer {i} channels")
+
+
+def test_whole_model_reference_path_agrees(make_base_dir, tmp_path):
+    """taylor.whole_model_taylor_scores (what the benchmark compares with) computes the same scores."""
+    base = make_base_dir("qwen2")
+    arch, calib = _arch(base), _calib(base, tmp_path)
+    got = whole_model_taylor_scores(base, arch, [2, 5], calib, micro_batch=3, dtype=torch.float64)
+    _, want, _, _ = reference(base, arch, [2, 5], calib.ids)
+    for i in (2, 5):
+        _close(got[i][0], want[i][0], f"layer {i} kv groups")
+        _close(got[i][1], want[i][1], f"layer {i} channels")
 
 
 # ---------------------------------------------------------------------------- cut units
@@ -281,20 +271,20 @@ def test_calibration_is_packed_and_capped(make_base_dir, tmp_path):
 
 
 def test_same_inputs_same_bundle_id(make_base_dir, tmp_path):
+    """Same base, calibration and settings: the same bundle, whether boundaries sat in memory or on disk."""
     base = make_base_dir("qwen3")
     calib = _calib_file(tmp_path)
-    ids = set()
-    for n, (importance, extra) in enumerate(
-        [("taylor", {}), ("taylor", {}), ("taylor", {"activation_budget": 0, "offload_dir": tmp_path})]
-    ):
-        m = prune(base, tmp_path / f"out{n}", 0.5, importance=importance, calibration=calib, calibration_samples=6,
+    ids = {}
+    for name, importance, extra in [
+        ("taylor", "taylor", {}), ("taylor-again", "taylor", {}), ("taylor-disk", "taylor", {"activation_budget": 0, "offload_dir": tmp_path}),
+        ("activation", "activation", {}), ("activation-again", "activation", {}),
+    ]:  # fmt: skip
+        m = prune(base, tmp_path / name, 0.5, importance=importance, calibration=calib, calibration_samples=3,
                   calibration_seq_len=32, show_progress=False, **extra)  # fmt: skip
-        ids.add(m["bundle_id"])
-    assert len(ids) == 1
-    a = prune(base, tmp_path / "act-a", 0.5, importance="activation", calibration=calib, show_progress=False)
-    b = prune(base, tmp_path / "act-b", 0.5, importance="activation", calibration=calib, show_progress=False)
-    assert a["bundle_id"] == b["bundle_id"] and a["bundle_id"] not in ids
-    assert a["pruning"]["importance"] == "activation" and "Minitron" in a["pruning"]["importance_definition"]
+        ids[name] = m["bundle_id"]
+    assert ids["taylor"] == ids["taylor-again"] == ids["taylor-disk"]
+    assert ids["activation"] == ids["activation-again"] != ids["taylor"]
+    assert m["pruning"]["importance"] == "activation" and "Minitron" in m["pruning"]["importance_definition"]
 
 
 def _one_line_error(capsys, *argv: object) -> str:

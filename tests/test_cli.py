@@ -495,7 +495,7 @@ def test_plan_json(capsys, base):
                                   ("quantize", "{bundle}", "--out", "{tmp}/q", "--type", "int4")])  # fmt: skip
 def test_choices_are_enums(capsys, base, bundle, tmp_path, args):
     """An unknown choice is a usage error (exit 2) that lists the choices, before any work."""
-    fill = dict(config=base / "config.json", base=base, bundle=bundle, tmp=tmp_path)
+    fill = {"config": base / "config.json", "base": base, "bundle": bundle, "tmp": tmp_path}
     rc, out, err = run_cli(capsys, *(a.format(**fill) for a in args))
     assert rc == 2 and out == "" and "'int4' is not one of 'nf4', 'fp4'" in err, err
     assert_nothing_written(tmp_path, "b", "q")
@@ -554,5 +554,5 @@ def test_train_align_eval_json(capsys, bundle, tmp_path):
     assert rc == 0 and s["steps"] == 2 and s["bundle_id"] == manifest(tmp_path / "aligned")["bundle_id"]
     rc, s = run_json(capsys, "eval", bundle, "--data", data, "--seq-len", "32", "--data-format", "text")
     assert rc == 0 and s["examples"] > 0 and s["loss"] > 0 and s["data_format"] == "text"
-    rc, out, err = run_cli(capsys, "eval", bundle, "--data", data, "--data-format", "csv")
+    rc, _, err = run_cli(capsys, "eval", bundle, "--data", data, "--data-format", "csv")
     assert rc == 2 and "'csv' is not one of" in err

@@ -52,10 +52,9 @@ def test_write_text_creates_parents_and_is_utf8(tmp_path):
 
 def test_a_directory_appears_whole_or_not_at_all(tmp_path):
     out = tmp_path / "bundle"
-    with pytest.raises(Boom):
-        with staged_dir(out) as tmp:
-            (tmp / "model.safetensors").write_bytes(b"x" * 10)
-            raise Boom
+    with pytest.raises(Boom), staged_dir(out) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x" * 10)
+        raise Boom
     assert listing(tmp_path) == []
     with staged_dir(out) as tmp:
         (tmp / "loram.json").write_text("{}")
@@ -67,14 +66,12 @@ def test_an_existing_output_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "mine.txt").write_text("user data")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
-        with staged_dir(out):
-            pass
+    with pytest.raises(OutputExistsError, match="--overwrite"), staged_dir(out):
+        pass
     assert listing(out) == ["mine.txt"] and listing(tmp_path) == ["bundle"]
-    with pytest.raises(Boom):  # a failed overwrite keeps the old output
-        with staged_dir(out, overwrite=True) as tmp:
-            (tmp / "new.txt").write_text("new")
-            raise Boom
+    with pytest.raises(Boom), staged_dir(out, overwrite=True) as tmp:  # a failed overwrite keeps the old output
+        (tmp / "new.txt").write_text("new")
+        raise Boom
     assert listing(out) == ["mine.txt"] and listing(tmp_path) == ["bundle"]
     with staged_dir(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")

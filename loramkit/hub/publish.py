@@ -8,8 +8,9 @@ may split a large folder into several commits, and a bundle must change all at o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import progress
 from ..bundle import Bundle

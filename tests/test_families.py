@@ -345,3 +345,25 @@ def test_moe_train_recover_end_to_end_and_4bit(moe, tmp_path):
     model = load_pruned_model(q)
     with torch.no_grad():
         assert torch.isfinite(model(ids(2, 12)).logits).all()
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe", "phi3", "gemma3"])
+def test_align_writes_a_bundle_in_the_stored_layout(make_base_dir, tmp_path, case):
+    """Full-parameter alignment: every trained weight (an expert's slice of a fused tensor too) back under its stored name."""
+    from loramkit.bundle.validate import validate
+    from loramkit.train.align import align
+    from loramkit.train.config import AlignConfig
+
+    b = tmp_path / "b"
+    prune(make_base_dir(case), b, 0.5, importance="random", show_progress=False)
+    data = tmp_path / "c.txt"
+    data.write_text("\n\n".join(sample_texts(60, seed=5)))
+    cfg = AlignConfig(lr=1e-2, micro_batch=4, seq_len=32, max_steps=2, precision="fp32", eval_split=0.1)
+    align(b, data, tmp_path / "a", cfg, show_progress=False, log=lambda m: None)
+    assert validate(tmp_path / "a") == ([], [])
+    before, after = load_file(str(b / "model.safetensors")), load_file(str(tmp_path / "a" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert {n for n in before if ".layers.3." in n} <= changed  # every weight of a pruned layer trained, experts included
+    with torch.no_grad():
+        assert torch.isfinite(load_pruned_model(tmp_path / "a")(ids(2, 12)).logits).all()

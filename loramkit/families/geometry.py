@@ -176,3 +176,29 @@ def expert_shapes(arch: ArchSpec, d: LayerDims) -> list[tuple[int, int]]:
     """[out, in] of every expert's gate, up and down projection in one layer (none for a dense MLP)."""
     h, inter = arch.hidden_size, d.intermediate[1]
     return [(inter, h), (inter, h), (h, inter)] * arch.num_experts
+
+
+def expert_source(arch: ArchSpec, name: str) -> tuple[str, int, str] | None:
+    """Where a stored expert weight lives in transformers' fused expert tensors, or None.
+
+    ``...mlp.experts.3.gate_proj.weight`` -> (``...mlp.experts.gate_up_proj``, 3, "gate"):
+    on disk each expert has gate_proj / up_proj [I, H] and down_proj [H, I]; in memory
+    ``gate_up_proj[e]`` is [gate | up] rows ([2I, H]) and ``down_proj[e]`` the down weight.
+    """
+    family = arch.family
+    module, _, leaf = name.rpartition(".")
+    role = family.role_of(module) if family.experts and leaf == "weight" else None
+    if role is None or not family.per_expert(role):
+        return None
+    layer = family.layer_of(module)
+    prefix = f"{family.layers_prefix}.{layer}.{family.experts}"
+    expert = int(module[len(prefix) + 1 :].split(".", 1)[0])
+    return f"{prefix}.{'down_proj' if role == 'down' else 'gate_up_proj'}", expert, role
+
+
+def expert_part(fused: torch.Tensor, expert: int, role: str) -> torch.Tensor:
+    """The view of a fused expert tensor that holds one expert's ``role`` weight (see :func:`expert_source`)."""
+    if role == "down":
+        return fused[expert]  # [H, I]
+    k = fused.shape[1] // 2  # gate_up_proj[e]: [gate | up] rows
+    return fused[expert, :k] if role == "gate" else fused[expert, k:]

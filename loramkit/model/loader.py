@@ -20,7 +20,7 @@ from ..bundle import Bundle
 from ..bundle.manifest import bundle_tag
 from ..bundle.safetensors_io import DTYPES
 from ..errors import BundleError
-from ..families.geometry import LayerDims, pruned_shape
+from ..families.geometry import LayerDims, expert_part, expert_source, pruned_shape
 
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,41 +86,27 @@ def _shrink_layer(model: nn.Module, bundle: Bundle, dims: LayerDims, shapes: dic
         attn.config = LayerConfig(attn.config, heads)
 
 
-def _fused_expert_name(family, name: str) -> str:
-    """``...experts.3.gate_proj.weight`` -> ``...experts.gate_up_proj`` (down_proj -> down_proj)."""
-    module = name.rsplit(".", 1)[0]
-    layer = family.layer_of(module)
-    fused = "down_proj" if family.role_of(module) == "down" else "gate_up_proj"
-    return f"{family.layers_prefix}.{layer}.{family.experts}.{fused}"
+def _load_expert_slice(model: nn.Module, b: Bundle, ckpt, name: str, device, dtype: torch.dtype) -> str | None:
+    """Copy one stored expert weight into its slice of transformers' fused expert parameter.
 
-
-def _load_expert_slice(model: nn.Module, b: Bundle, ckpt, name: str, device, dtype: torch.dtype) -> bool:
-    """Copy one stored expert tensor into its slice of transformers' fused expert parameter.
-
-    On disk (and in a bundle) expert e has gate_proj / up_proj [I, H] and down_proj [H, I];
-    in memory ``gate_up_proj[e]`` is [gate | up] rows and ``down_proj[e]`` the down weight.
-    Returns False for a name that is no expert weight.
+    Returns the fused parameter's name, or None for a name that is no expert weight.
     """
-    family = b.arch.family
-    module, _, leaf = name.rpartition(".")
-    role = family.role_of(module)
-    if leaf != "weight" or role is None or not family.per_expert(role):
-        return False
-    expert = int(module[len(f"{family.layers_prefix}.{family.layer_of(module)}.{family.experts}.") :].split(".", 1)[0])
-    fused_name = _fused_expert_name(family, name)
+    source = expert_source(b.arch, name)
+    if source is None:
+        return None
+    fused_name, expert, role = source
     parent_path, attr = fused_name.rsplit(".", 1)
     parent = model.get_submodule(parent_path)
     fused = getattr(parent, attr)
     if fused.is_meta:  # allocated once, filled expert by expert: never two copies of a layer's experts
         fused = nn.Parameter(torch.empty(fused.shape, device=device, dtype=dtype), requires_grad=fused.requires_grad)
         setattr(parent, attr, fused)
-    k = fused.shape[1] // 2 if role != "down" else fused.shape[2]
-    target = fused.data[expert] if role == "down" else fused.data[expert, (0 if role == "gate" else k) : (k if role == "gate" else 2 * k)]
+    target = expert_part(fused.data, expert, role)
     info = ckpt.info(name)
     if tuple(target.shape) != info.shape:
         raise BundleError(f"{b.path}: {name} has shape {list(info.shape)}, the manifest implies {list(target.shape)}")
     target.copy_(ckpt.get(name))
-    return True
+    return fused_name
 
 
 class LayerConfig:
@@ -207,8 +193,8 @@ def load_pruned_model(
         for name in ckpt.names():
             if name in done:
                 continue
-            if name not in expected and b.arch.num_experts and _load_expert_slice(model, b, ckpt, name, device, torch_dtype):
-                fused = _fused_expert_name(b.arch.family, name)
+            fused = _load_expert_slice(model, b, ckpt, name, device, torch_dtype) if name not in expected else None
+            if fused is not None:
                 filled[fused] = filled.get(fused, 0) + 1
                 continue
             if name not in expected:

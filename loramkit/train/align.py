@@ -35,6 +35,7 @@ from ..bundle.manifest import CARD_NAME
 from ..bundle.safetensors_io import DTYPES, StreamingWriter
 from ..bundle.writer import finalize, new_manifest
 from ..errors import LoramError
+from ..families.geometry import expert_part, expert_source
 from .config import AlignConfig
 from .corpus import Corpus, PackedBlocks, load_corpus
 from .loop import ADAMW_BETAS, ADAMW_EPS, dist_init, full_tensors, run_loop
@@ -243,12 +244,16 @@ def align(
     params = dict(r.model.named_parameters())
     with b.weights() as ckpt:
         order = _tensor_order(b, ckpt)
-    missing = sorted(set(trainable) - set(order))
+    # A mixture of experts stores each expert's weights apart; in memory they are slices of fused tensors.
+    source = {n: expert_source(b.arch, n) or (n, None, None) for n in order}
+    missing = sorted(set(trainable) - {src for src, _, _ in source.values()})
     if missing:  # a bug, never a user error: every parameter is stored under its name
         raise RuntimeError(f"trained parameter {missing[0]} is not in the bundle's weight files")
-    gathered = full_tensors(params, [n for n in order if n in trainable])
+    stored_trained = [n for n in order if source[n][0] in trainable]
+    gathered = full_tensors(params, list(dict.fromkeys(source[n][0] for n in stored_trained)))
     if rank == 0:
-        summary["manifest"] = _write_bundle(b, out, overwrite, set(trainable), gathered, alignment)
+        per_stored = _stored_tensors(gathered, stored_trained, source)
+        summary["manifest"] = _write_bundle(b, out, overwrite, set(stored_trained), per_stored, alignment)
         summary["bundle_id"] = summary["manifest"]["bundle_id"]
     elif config.fsdp:
         for _ in gathered:
@@ -273,6 +278,28 @@ def _split(
     held_set = set(held)
     train = [i for i in range(n) if i not in held_set]
     return corpus.blocks.select(train), corpus.blocks.select(held), {"split": config.eval_split}
+
+
+def _stored_tensors(
+    gathered: Iterator[tuple[str, torch.Tensor]], names: list[str], source: dict[str, tuple[str, int | None, str | None]]
+) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+    """``(stored name, tensor)`` in ``names`` order from the gathered parameters (an expert's slice of a fused one).
+
+    A fused expert tensor is held until the last of its experts' weights is written.
+    """
+    pending = {}
+    for src in (source[n][0] for n in names):
+        pending[src] = pending.get(src, 0) + 1
+    held: dict[str, torch.Tensor] = {}
+    for name in names:
+        src, expert, role = source[name]
+        while src not in held:
+            got, tensor = next(gathered)
+            held[got] = tensor
+        yield name, held[src] if expert is None else expert_part(held[src], expert, role)
+        pending[src] -= 1
+        if not pending[src]:
+            del held[src]
 
 
 def _tensor_order(b: Bundle, ckpt: Any) -> list[str]:

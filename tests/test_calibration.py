@@ -267,6 +267,30 @@ def test_calibration_is_packed_and_capped(make_base_dir, tmp_path):
     assert (one.ids[0] == 1).sum() == 6  # a BOS starts each passage
 
 
+def test_long_passage_tokenized_only_as_far_as_needed(make_base_dir, tmp_path, monkeypatch):
+    """A one-passage file far longer than the calibration needs: the same ids as encoding it whole."""
+    base = make_base_dir("llama_gqa")
+    text = " ".join(sample_texts(4000, seed=9))  # ~250k characters, one passage
+    path = tmp_path / "long.txt"
+    path.write_text(text, encoding="utf-8")
+    from transformers import AutoTokenizer
+
+    whole = AutoTokenizer.from_pretrained(base)(text)["input_ids"]
+    encoded = []
+    real = AutoTokenizer.from_pretrained
+
+    def spy(*a, **kw):  # record how many characters each tokenizer call sees
+        tok = real(*a, **kw)
+        call = tok.__class__.__call__
+        monkeypatch.setattr(tok.__class__, "__call__", lambda self, t, **k: encoded.append(len(t)) or call(self, t, **k))
+        return tok
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
+    got = load_calibration(path, base, 256, 4, 16)
+    assert torch.equal(got.ids.reshape(-1), torch.tensor(whole[:64]))
+    assert max(encoded) < len(text) // 10
+
+
 # ---------------------------------------------------------------------------- determinism and CLI
 
 

@@ -44,6 +44,7 @@ from ..bundle.model_dir import Checkpoint
 from ..bundle.safetensors_io import DTYPES, tensor_bytes
 from ..errors import LoramError
 from ..families import ATTENTION_ROLES, MLP_ROLES, ArchSpec
+from ..families.geometry import expert_members, expert_part
 from .taylor import DEFINITION as TAYLOR_DEFINITION
 from .taylor import next_token_targets, taylor_group_scores, token_loss_sum
 
@@ -142,9 +143,10 @@ def load_calibration(
     except (OSError, ValueError) as exc:
         raise LoramError(f"{base_dir}: calibrated importance needs the base's tokenizer files ({exc})") from None
     stream: list[int] = []
+    wanted = num_samples * seq_len
     for text in texts:
-        stream += tok(text, add_special_tokens=True, verbose=False)["input_ids"]
-        if len(stream) >= num_samples * seq_len:
+        stream += _leading_ids(tok, text, wanted - len(stream))
+        if len(stream) >= wanted:
             break
     blocks = min(num_samples, len(stream) // seq_len)
     if blocks == 0:
@@ -154,6 +156,25 @@ def load_calibration(
     else:
         ids = torch.tensor(stream[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)  # (N, T)
     return Calibration(ids, digest, path.name)
+
+
+def _leading_ids(tok: Any, text: str, needed: int) -> list[int]:
+    """The ids of ``text`` (special tokens on), or at least the first ``needed`` of them.
+
+    A fast tokenizer keeps ~450 bytes a token of what it encodes, so a huge one-passage file
+    is not encoded whole: a prefix cut before a space or newline (where pre-tokenizers split,
+    so its ids are the whole's up to the cut) of 16 characters a needed token, longer until
+    it gives enough ids.
+    """
+    limit = 16 * needed + 1024
+    while True:
+        if len(text) <= limit:
+            return tok(text, add_special_tokens=True, verbose=False)["input_ids"]
+        cut = max(text.rfind(" ", 1, limit), text.rfind("\n", 1, limit))
+        ids = tok(text[: cut if cut > 0 else limit], add_special_tokens=True, verbose=False)["input_ids"]
+        if len(ids) >= needed + 2:  # the last ids may be the cut's or an appended EOS: keep those before
+            return ids[:needed]
+        limit *= 4
 
 
 # --------------------------------------------------------------------------- boundary store
@@ -302,6 +323,8 @@ class _Skeleton:
         self.config.use_cache = False
         with torch.device("meta"):
             self.model = transformers.AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        if arch.num_experts and dtype == torch.float64:  # transformers' grouped_mm experts have no float64
+            self.model.config._experts_implementation = "eager"
         self.model.eval()  # no dropout: scores must not depend on it
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -421,6 +444,13 @@ class _Skeleton:
         prefix = f"{self.arch.family.layers_prefix}.{index}."
         names = [n for n, _ in module.named_parameters()]
         for n in names:
+            members = expert_members(self.arch, prefix + n) if prefix + n not in self.ckpt.where else []
+            if members:  # a fused expert tensor, stored one expert weight at a time
+                value = torch.empty(module.get_parameter(n).shape, dtype=self.dtype, device=self.device)
+                for stored, e, role in members:
+                    expert_part(value, e, role).copy_(_read(self.ckpt, stored, self.dtype, self.device))
+                _set_param(module, n, value, n in trainable)
+                continue
             if prefix + n not in self.ckpt.where:
                 raise LoramError(
                     f"{self.ckpt.path}: {self.arch.architecture} layer {index} needs tensor {prefix + n}, "
@@ -470,6 +500,7 @@ def _scored_params(arch: ArchSpec, layer_module: nn.Module) -> list[str]:
         out.append(f"{rel}.weight")
         if dim == 0 and f"{rel}.bias" in names:  # o/down biases live in hidden space, shared by all units
             out.append(f"{rel}.bias")
+    out += [f"{arch.family.experts}.{p}" for p in ("gate_up_proj", "down_proj")] if arch.num_experts else []
     return [n for n in dict.fromkeys(out) if n in names]  # a fused module (Phi-3 qkv_proj) once
 
 

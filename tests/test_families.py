@@ -367,3 +367,47 @@ def test_align_writes_a_bundle_in_the_stored_layout(make_base_dir, tmp_path, cas
     assert {n for n in before if ".layers.3." in n} <= changed  # every weight of a pruned layer trained, experts included
     with torch.no_grad():
         assert torch.isfinite(load_pruned_model(tmp_path / "a")(ids(2, 12)).logits).all()
+
+
+def test_moe_taylor_scores_each_experts_channels_as_float64_autograd(moe, tmp_path):
+    """The layer-streamed engine's Taylor scores of a mixture, against one float64 backward of the whole model
+    (float64 but for the router's float32 softmax).
+
+    Reference: |w * dL/dw| of transformers' fused expert tensors, summed here over each
+    expert's gate row, up row (gate_up_proj [E, 2I, H]) and down column (down_proj [E, H, I]).
+    """
+    from loramkit.prune.calibration import EngineSettings, calibrated_scores, load_calibration
+    from loramkit.prune.taylor import whole_model_taylor_scores
+
+    base = moe["base"]
+    calib_file = tmp_path / "calib.txt"
+    calib_file.write_text("\n\n".join(sample_texts(40, seed=5)))
+    calib = load_calibration(calib_file, base, 256, 5, 24)
+    arch = ArchSpec.from_config(json.loads((base / "config.json").read_text()))
+    layers = [2, 3, 4, 5, 6]
+    got = calibrated_scores(base, arch, layers, calib, "taylor", EngineSettings(micro_batch=2, dtype=torch.float64, show_progress=False))
+
+    reference = whole_model_taylor_scores(base, arch, layers, calib)  # the package's whole-model path, float32
+    model = _moe_base64(base)
+    model(input_ids=calib.ids, labels=calib.ids).loss.backward()  # mean next-token loss over every block
+    for i in layers:
+        experts = model.model.layers[i].mlp.experts
+        gu = (experts.gate_up_proj * experts.gate_up_proj.grad).abs()  # (E, 2I, H)
+        down = (experts.down_proj * experts.down_proj.grad).abs()  # (E, H, I)
+        want = (gu[:, :I_MOE].sum(2) + gu[:, I_MOE:].sum(2) + down.sum(1)).detach()  # (E, I)
+        ch = got[i][1]
+        assert ch.shape == (E, I_MOE)
+        # transformers' router takes its softmax in float32 even in a float64 model, so gradients
+        # through routing carry float32 rounding, summed in another order per micro-batch split.
+        assert_close_eps(ch, want, 2**4, torch.float32, f"layer {i} expert channel scores:")
+        assert_close_eps(reference[i][1].double(), want, 2**10, torch.float32, f"layer {i} whole-model reference (float32):")
+
+    prune(base, tmp_path / "b", 0.5, importance="taylor", calibration=calib_file, calibration_samples=5,
+          calibration_seq_len=24, show_progress=False)  # fmt: skip
+    for i in layers:
+        kept = _expert_maps(tmp_path / "b", i, "down_proj", 1)
+        for e in range(E):  # float32 scores: compare where the float64 ranking has a clear margin
+            order = got[i][1][e].argsort(descending=True)
+            top, rest = order[: I_MOE // 2], order[I_MOE // 2 :]
+            if got[i][1][e][top].min() > 1.001 * got[i][1][e][rest].max():
+                assert kept[e].tolist() == sorted(top.tolist()), (i, e)

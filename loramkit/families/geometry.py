@@ -202,3 +202,28 @@ def expert_part(fused: torch.Tensor, expert: int, role: str) -> torch.Tensor:
         return fused[expert]  # [H, I]
     k = fused.shape[1] // 2  # gate_up_proj[e]: [gate | up] rows
     return fused[expert, :k] if role == "gate" else fused[expert, k:]
+
+
+def expert_members(arch: ArchSpec, fused_name: str) -> list[tuple[str, int, str]]:
+    """The stored weights a fused expert tensor is made of: ``[(stored name, expert, role)]`` (empty if none)."""
+    family = arch.family
+    layer = family.layer_of(fused_name.rsplit(".", 1)[0])
+    if not family.experts or layer is None:
+        return []
+    prefix = f"{family.layers_prefix}.{layer}.{family.experts}."
+    roles = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}.get(fused_name.removeprefix(prefix)) if fused_name.startswith(prefix) else None
+    return [(f"{family.module(layer, r, e)}.weight", e, r) for e in range(arch.num_experts) for r in roles or ()]
+
+
+def expert_channel_sums(arch: ArchSpec, fused: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per expert channel, the sum of a per-element score over its gate row, up row and down column: (E, I).
+
+    ``fused``: ``"gate_up_proj"`` [E, 2I, H] and/or ``"down_proj"`` [E, H, I] scores (transformers' layout).
+    """
+    out = torch.zeros(arch.num_experts, arch.intermediate_size, dtype=torch.float64)
+    if "gate_up_proj" in fused:
+        s = fused["gate_up_proj"].sum(dim=2, dtype=torch.float64)  # (E, 2I): [gate | up]
+        out += s[:, : arch.intermediate_size] + s[:, arch.intermediate_size :]
+    if "down_proj" in fused:
+        out += fused["down_proj"].sum(dim=1, dtype=torch.float64)  # (E, I)
+    return out

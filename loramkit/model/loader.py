@@ -170,6 +170,8 @@ def load_pruned_model(
         config._attn_implementation = attn_implementation
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    if b.arch.num_experts and torch_dtype == torch.float64:  # transformers' grouped_mm experts have no float64
+        model.config._experts_implementation = "eager"
     if type(model).__name__ not in b.arch.family.architectures:
         raise BundleError(f"{b.path}: config builds {type(model).__name__}, expected {b.arch.architecture}")
 

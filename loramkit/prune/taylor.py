@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..families import ATTENTION_ROLES, MLP_ROLES, ArchSpec
+from ..families.geometry import expert_channel_sums
 from .importance import group_scores
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def taylor_group_scores(
     arch: ArchSpec, layer: int, params: dict[str, tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kv_group_scores (H_kv,), channel_scores (I,)) float64 from ``{tensor name: (w, dL/dw)}``."""
+    """(kv_group_scores (H_kv,), channel_scores (I,), or (E, I) for experts) float64 from ``{tensor name: (w, dL/dw)}``."""
 
     def elementwise(name: str) -> torch.Tensor | None:
         if name not in params:
@@ -57,7 +58,12 @@ def taylor_group_scores(
         w, g = params[name]
         return (w.to(g.dtype) * g).abs().cpu()
 
-    return group_scores(arch, layer, elementwise)
+    kv, ch = group_scores(arch, layer, elementwise)
+    if arch.num_experts:  # each expert's channels, from transformers' fused expert tensors: (E, I)
+        prefix = f"{arch.family.layers_prefix}.{layer}.{arch.family.experts}."
+        fused = {p: elementwise(prefix + p) for p in ("gate_up_proj", "down_proj")}
+        ch = expert_channel_sums(arch, {p: s for p, s in fused.items() if s is not None})
+    return kv, ch
 
 
 def whole_model_taylor_scores(
@@ -85,6 +91,9 @@ def whole_model_taylor_scores(
     scored: list[str] = []
     for i in layers:
         for role, dim, _ in ATTENTION_ROLES + MLP_ROLES:
+            if arch.family.per_expert(role):  # in memory: the layer's fused expert tensors
+                scored += [f"{arch.family.layers_prefix}.{i}.{arch.family.experts}.{p}" for p in ("gate_up_proj", "down_proj")]
+                continue
             module = arch.family.module(i, role)
             scored += [n for n in (f"{module}.weight", f"{module}.bias" if dim == 0 else "") if n in params]
     scored = list(dict.fromkeys(scored))  # a fused module (Phi-3 qkv_proj) once

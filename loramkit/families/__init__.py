@@ -16,6 +16,10 @@ Adding a family
 3. Register it in ``FAMILIES`` below.
 4. If the attention module reads head counts from the shared config in ``forward`` (Phi-3
    does), check that the loader's per-layer patch (``loramkit.model.loader``) covers it.
+   A mixture of experts names its MLP roles with ``{expert}`` (one module per expert on
+   disk) and sets ``experts`` / ``router`` (see ``qwen3_moe.py``); the fused in-memory
+   layout (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) is the one transformers'
+   Qwen3-MoE uses: a family whose experts differ needs ``geometry.expert_source`` taught.
 5. Add a tiny case to ``tests/factory.py`` (shape rules of the real model, 8 layers) and a
    published config to ``tests/data`` with its parameter count: the parametrized tests
    (prune, load, recover, merge, quantize, validate) then run on it.

@@ -267,25 +267,13 @@ MOE_CASES: dict[str, dict[str, Any]] = {
     # qwen3-30b-a3b: Qwen3 attention (GQA G=4, head_dim 16 != 64/8, q/k norms) and in every
     # layer 4 experts of 48 channels, 2 routed per token, normalised top-k weights.
     "qwen3_moe": {
+        **FAMILY_CASES["qwen3"],
         "_architecture": "Qwen3MoeForCausalLM",
-        "_implicit_head_dim": False,
-        "_rope_theta": 1000000.0,
-        "_rope_scaling": None,
         "model_type": "qwen3_moe",
-        "hidden_size": 64,
-        "intermediate_size": 172,
-        "moe_intermediate_size": 48,
+        "moe_intermediate_size": 48,  # intermediate_size (172) is unused: every layer is sparse
         "num_experts": 4,
         "num_experts_per_tok": 2,
         "norm_topk_prob": True,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "attention_bias": False,
-        "use_sliding_window": False,
-        "max_window_layers": 8,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
     },
 }
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import peak_rss_of, pyplot  # noqa: E402
-from streaming import tensor_specs, write_base  # noqa: E402
+from streaming import write_base  # noqa: E402
 
 WIDTH = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "head_dim": 64,

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 import loramkit.prune.calibration as cal_mod
 from loramkit.cli import run
+from loramkit.errors import LoramError
 from loramkit.families import ArchSpec
 from loramkit.prune.calibration import (
     EngineSettings,
@@ -344,3 +345,22 @@ def test_refusals(make_base_dir, tmp_path, capsys, importance):
     line = _one_line_error(capsys, *common, "--calibration", good, "--offload-dir", tmp_path / "missing")
     assert "--offload-dir" in line
     assert _refused(tmp_path) == before  # nothing written, no temporary folder left
+
+
+def test_full_disk_is_one_line_and_cleaned_up(make_base_dir, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    base = make_base_dir("llama_gqa")
+    arch, calib = _arch(base), _calib(base, tmp_path)
+    offload = tmp_path / "offload"
+    offload.mkdir()
+
+    def full(*_a):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cal_mod.os, "pwrite", full)
+    with pytest.raises(LoramError, match="No space left on device.*--offload-dir") as exc:
+        calibrated_scores(base, arch, [3], calib, "taylor", EngineSettings(budget=0, offload_dir=offload, show_progress=False))
+    assert "\n" not in str(exc.value)
+    assert list(offload.iterdir()) == []

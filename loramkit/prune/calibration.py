@@ -206,7 +206,11 @@ class BoundaryStore:
             self.peak_memory = max(self.peak_memory, self.slot_bytes * len(self._mem))
             return
         if self._tmp is None:
-            self._tmp = Path(tempfile.mkdtemp(prefix="loramkit-calibration-", dir=self.offload_dir))
+            try:
+                self._tmp = Path(tempfile.mkdtemp(prefix="loramkit-calibration-", dir=self.offload_dir))
+            except OSError as exc:
+                where = self.offload_dir or tempfile.gettempdir()
+                raise LoramError(f"{where}: cannot create a folder for boundary activations ({exc.strerror}); use --offload-dir") from None
         self._fds[slot] = os.open(self._tmp / f"boundary-{slot}.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self.disk_slots += 1
 
@@ -219,9 +223,15 @@ class BoundaryStore:
             self._mem[slot][start : start + t.shape[0]] = t
             return
         view, offset = tensor_bytes(t), start * self.row_bytes
-        while len(view):
-            n = os.pwrite(self._fds[slot], view, offset)
-            view, offset = view[n:], offset + n
+        try:
+            while len(view):
+                n = os.pwrite(self._fds[slot], view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:  # a full disk, most likely: one line, and close() still cleans up
+            raise LoramError(
+                f"{self._tmp}: cannot write boundary activations ({exc.strerror}); free space there, "
+                "choose another --offload-dir or raise --activation-budget"
+            ) from None
 
     def get(self, slot: int, start: int, rows: int) -> torch.Tensor:
         """Rows ``start : start + rows`` of a slot, as a fresh tensor (rows, T, H)."""
@@ -662,8 +672,8 @@ def _taylor(
                     p = module.get_parameter(name)
                     acc[name] = torch.zeros(p.shape, dtype=acc_dtype, device=device)
 
-                    def add(param: torch.Tensor, name: str = name) -> None:
-                        acc[name].add_(param.grad)
+                    def add(param: torch.Tensor, into: torch.Tensor = acc[name]) -> None:
+                        into.add_(param.grad)
                         param.grad = None  # one micro-batch's gradient alive at a time
 
                     hooks.append(p.register_post_accumulate_grad_hook(add))
@@ -688,12 +698,12 @@ def _taylor(
 __all__ = [
     "BoundaryStore",
     "CALIBRATED",
-    "DEFINITIONS",
     "Calibration",
     "DEFAULT_BUDGET",
     "DEFAULT_MICRO_BATCH",
     "DEFAULT_SAMPLES",
     "DEFAULT_SEQ_LEN",
+    "DEFINITIONS",
     "EngineSettings",
     "calibrated_scores",
     "check_offload_dir",

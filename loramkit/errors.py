@@ -25,3 +25,11 @@ class BaseModelError(LoramError):
 
 class OutputExistsError(LoramError):
     """Refuse to overwrite an existing output unless asked to."""
+
+
+class DiskFullError(LoramError):
+    """The disk (or quota) filled up while writing an output; nothing partial is left."""
+
+
+class OutputBusyError(LoramError):
+    """Another loramkit process is writing the same output right now."""

@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from loramkit import Bundle, cli, load_pruned_model
+from loramkit import Bundle, cli
+from loramkit import load_pruned_model as _load_pruned_model
 from loramkit.bundle import quantization as qformat
 from loramkit.bundle.manifest import bundle_id
 from loramkit.bundle.validate import validate
@@ -42,6 +43,12 @@ FP4 = dict(quant_type="fp4", double_quant=False)
 IDS = torch.randint(4, 500, (2, 24), generator=torch.Generator().manual_seed(7))
 
 _CACHE: dict[Any, Path] = {}
+
+
+def load_pruned_model(path, **kw):
+    """At the bundle's recorded compute dtype (bf16), whatever the CPU: these tests check the
+    format and bitsandbytes' own bits there (the suite's bf16-off default would pick fp32)."""
+    return _load_pruned_model(path, **({"compute_dtype": "bundle"} | kw))
 
 
 @pytest.fixture(scope="module")

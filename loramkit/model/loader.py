@@ -39,9 +39,11 @@ def _resolve_dtype(dtype: str | torch.dtype | None, bundle: Bundle) -> torch.dty
 
 def _compute_dtype(requested: str | torch.dtype | None, recorded: str, device: str | torch.device) -> torch.dtype:
     """The 4-bit layers' compute dtype: as requested, or the recorded one where it is native."""
+    want = _DTYPE_NAMES.get(recorded, torch.float32)
+    if requested == "bundle":
+        return want
     if requested not in (None, "auto"):
         return requested if isinstance(requested, torch.dtype) else _resolve_dtype(requested, None)
-    want = _DTYPE_NAMES.get(recorded, torch.float32)
     dev = torch.device(device)
     if want == torch.float32 or (want == torch.float16 and dev.type == "cuda"):
         return want
@@ -153,7 +155,8 @@ def load_pruned_model(
             for a 4-bit bundle, the dtype of the tensors not stored in 4 bits.
         compute_dtype: what a 4-bit bundle's layers compute in. ``"auto"``: the manifest's
             ``compute_dtype`` where ``device`` computes it natively, else float32 (bf16 is
-            emulated, 15-20x slower, on CPUs without AVX512-BF16/AMX); or a dtype.
+            emulated, 15-20x slower, on CPUs without AVX512-BF16/AMX); ``"bundle"``: the
+            manifest's whatever the hardware; or a dtype.
         verify: check the weight files against the manifest's sha256 first.
 
     Example:

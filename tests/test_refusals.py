@@ -395,3 +395,110 @@ def test_base_config_problems(capsys, make_base_dir, tmp_path, how):
     else:
         (base / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
     _prune_refused(base, tmp_path, capsys, "config.json")
+
+
+# ---------------------------------------------------------------------------- issue 13: one reader contract
+
+
+def test_an_unlisted_index_pointing_outside_the_bundle_is_never_followed(bundle, tmp_path, capsys):
+    """Before: every reader followed model.safetensors.index.json to ../elsewhere and validate said sound."""
+    from loramkit.bundle.model_dir import INDEX_NAME
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    from safetensors.torch import load_file, save_file
+
+    own = load_file(str(bundle / "model.safetensors"))
+    save_file({k: torch.full_like(v, 7) for k, v in own.items()}, str(elsewhere / "model.safetensors"))
+    (bundle / INDEX_NAME).write_text(json.dumps({"weight_map": {k: "../elsewhere/model.safetensors" for k in own}}))
+    with Bundle(bundle).weights() as ckpt:  # the manifest's file, not the index's
+        assert ckpt.files == ["model.safetensors"]
+        name = next(iter(own))
+        assert torch.equal(ckpt.get(name), own[name])
+    model = load_pruned_model(bundle, dtype="float32")
+    assert not any(bool((p == 7).all()) for p in model.parameters())
+    problems, _ = validate(bundle)
+    assert any(INDEX_NAME in p and "not listed" in p for p in problems), problems
+
+
+def test_a_listed_index_cannot_map_tensors_out_of_the_directory(tmp_path, make_base_dir):
+    from loramkit.bundle.model_dir import INDEX_NAME, Checkpoint
+
+    base = writable_copy(make_base_dir(CASE), tmp_path / "base")
+    (base / INDEX_NAME).write_text(json.dumps({"weight_map": {"x": "../elsewhere/model.safetensors"}}))
+    with pytest.raises(BaseModelError, match="not a weight file of"):
+        Checkpoint(base)
+
+
+def test_the_tokenizer_is_read_only_from_verified_listed_files(bundle):
+    """Before: train loaded tokenizer files that fail their sha256 (AutoTokenizer read the directory)."""
+    from loramkit.train.setup import load_tokenizer
+
+    tok, _ = load_tokenizer(bundle)  # sound: loads
+    assert tok.vocab_size > 0
+    cfg = bundle / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text().replace("{", '{"model_max_length": 3, ', 1))
+    with pytest.raises(BundleError, match="tokenizer_config.json: does not match its sha256"):
+        load_tokenizer(bundle)
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda m: m.__setitem__("requires", {"a": [1]}), "requires must be a list"),
+        (lambda m: m.__setitem__("requires", [["x"]]), "requires must be a list"),
+        (lambda m: m["base"]["tensors"][next(iter(m["base"]["tensors"]))].__setitem__("shape", [2**64, 1]), "64-bit range"),
+        (lambda m: m.__setitem__("alignment", "DEEP"), "nest"),
+        (lambda m: m.__setitem__("alignment", "SHALLOWER"), "nested more than 16 levels"),
+    ],
+    ids=["requires-dict", "requires-nested", "shape-beyond-int64", "deep-nesting", "nesting-beyond-schema"],
+)
+def test_crafted_manifests_are_one_line_refusals(bundle, capsys, edit, needle):
+    """Before: tracebacks (unhashable requires, torch.Size overflow, RecursionError)."""
+    m = read_manifest(bundle)
+    edit(m)
+    m["bundle_id"] = bundle_id(m)
+    nested = {"DEEP": "[" * 50_000 + "]" * 50_000, "SHALLOWER": "[" * 40 + "]" * 40}  # beyond json's recursion limit / ours
+    text = json.dumps(m)
+    for tag, deep in nested.items():
+        text = text.replace(f'"{tag}"', deep)
+    (bundle / "loram.json").write_text(text)
+    assert needle in cli_error(capsys, "validate", bundle)
+    assert needle in cli_error(capsys, "inspect", bundle)
+
+
+@pytest.mark.parametrize("how", ["negative", "duplicate", "unsorted", "float", "bad-key"])
+def test_index_maps_validate_rejects_are_refused_by_every_reader(bundle, capsys, how):
+    """Before: load and recover used negative, duplicate or unsorted maps that validate rejects."""
+    from safetensors.torch import load_file, save_file
+
+    maps = load_file(str(bundle / "kept_indices.safetensors"))
+    key = next(k for k in sorted(maps) if k.endswith(":0") and len(maps[k]) > 2)
+    t = maps[key].clone()
+    if how == "negative":
+        t[0] = -1
+    elif how == "duplicate":
+        t[1] = t[0]
+    elif how == "unsorted":
+        t[[0, 1]] = t[[1, 0]]
+    elif how == "float":
+        t = t.float()
+    if how == "bad-key":
+        maps[key.replace(":0", ":x")] = maps.pop(key)
+    else:
+        maps[key] = t
+    save_file(maps, str(bundle / "kept_indices.safetensors"))
+    rehash(bundle, "kept_indices.safetensors")
+    with pytest.raises(BundleError, match="index map"):
+        load_pruned_model(bundle)
+    problems, _ = validate(bundle)
+    assert any("index map" in p for p in problems), problems
+
+
+def rehash(d: Path, rel: str) -> None:
+    """Re-sign a tampered file as an attacker would: its sha256, size and the bundle_id all agree."""
+    from loramkit.bundle.hashing import sha256_file
+
+    m = read_manifest(d)
+    m["files"][rel] = {"sha256": sha256_file(d / rel), "size": (d / rel).stat().st_size}
+    write_manifest(d, m, resign=True)

@@ -88,7 +88,10 @@ def check_version(manifest: dict[str, Any], where: Path | str) -> dict[str, Any]
     while (found[0], found[1]) in MIGRATIONS and found[:2] < ours[:2]:
         manifest = MIGRATIONS[(found[0], found[1])](manifest)
         found = parse_version(manifest["format_version"])
-    unknown = sorted(set(manifest.get("requires") or []) - KNOWN_FEATURES)
+    requires = manifest.get("requires") or []
+    if not isinstance(requires, list) or not all(isinstance(f, str) for f in requires):
+        raise BundleError(f"{where}: requires must be a list of feature names (strings)")
+    unknown = sorted(set(requires) - KNOWN_FEATURES)
     if unknown:
         raise BundleError(
             f"{where}: bundle requires {', '.join(unknown)}, which this loramkit ({FORMAT_VERSION}) "
@@ -119,9 +122,49 @@ def _parse_strict(path: Path) -> dict[str, Any]:
         )
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: manifest is not valid JSON ({exc}); re-create or re-download the bundle") from None
+    except RecursionError:
+        raise BundleError(f"{path}: manifest nests deeper than any LoRAM manifest; re-create or re-download the bundle") from None
     if not isinstance(data, dict):
         raise BundleError(f"{path}: manifest must be a JSON object")
+    problem = _bounds_problem(data)
+    if problem:
+        raise BundleError(f"{path}: {problem}; re-create or re-download the bundle")
     return data
+
+
+MAX_DEPTH = 16  # the schema's deepest path is 6 levels (base/tensors/NAME/shape/i)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _bounds_problem(value: Any, where: str = "(root)", depth: int = 0) -> str | None:
+    """Bounds the schema cannot state: nesting depth, integers within int64 (shapes, sizes)."""
+    if depth > MAX_DEPTH:
+        return f"{where}: nested more than {MAX_DEPTH} levels deep"
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
+        return f"{where}: integer {value} is outside the 64-bit range"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        problem = _bounds_problem(v, f"{where}/{k}" if where != "(root)" else str(k), depth + 1)
+        if problem:
+            return problem
+    return None
+
+
+def path_problems(manifest: dict[str, Any]) -> list[str]:
+    """Every file a manifest names must be a relative path inside the bundle, listed in files."""
+    out = []
+    listed = manifest["files"]
+    for rel in listed:
+        parts = rel.split("/")
+        if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+            out.append(f"files: {rel!r} is not a plain relative path inside the bundle")
+    w = manifest["weights"]
+    for rel in [*w["files"], *([w["index"]] if w.get("index") else []), manifest["index_maps"]]:
+        if rel not in listed:
+            out.append(f"{rel} is named by the manifest but not listed in files")
+    return out
 
 
 def load_manifest(bundle_dir: Path, check_id: bool = True) -> dict[str, Any]:
@@ -140,6 +183,9 @@ def load_manifest(bundle_dir: Path, check_id: bool = True) -> dict[str, Any]:
     if manifest["architecture"]["family"] not in FAMILIES:
         family = manifest["architecture"]["family"]
         raise BundleError(f"{path}: model family {family!r} is not implemented by this loramkit; upgrade loramkit")
+    paths = path_problems(manifest)
+    if paths:
+        raise BundleError(f"{path}: {paths[0]}")
     if check_id and bundle_id(manifest) != manifest["bundle_id"]:
         raise BundleError(f"{path}: bundle_id does not match the manifest's content (edited by hand?); re-create the bundle")
     return manifest

@@ -33,17 +33,32 @@ class Checkpoint:
     Reading goes through :class:`SafetensorsReader`, so memory holds one tensor at a time.
     """
 
-    def __init__(self, path: str | Path, error: type[Exception] = BaseModelError):
+    def __init__(
+        self,
+        path: str | Path,
+        error: type[Exception] = BaseModelError,
+        *,
+        listed: tuple[list[str], str | None] | None = None,
+    ):
+        """``listed``: (weight files, index file or None) a bundle's manifest names; then only
+        those are opened, and an index may map tensors only to those files (nothing else in
+        the directory is looked at: an unlisted index is never followed)."""
         self.path = Path(path)
         if not self.path.is_dir():
             raise error(f"{self.path}: no such model directory")
         self.config: dict[str, Any] = read_json(self.path / "config.json", "config.json", error)
-        index = self.path / INDEX_NAME
-        if index.exists():
+        index = self.path / (listed[1] or INDEX_NAME if listed else INDEX_NAME)
+        if listed is not None and listed[1] is None:
+            files, weight_map = sorted(listed[0]), None
+        elif index.exists():
             weight_map = read_json(index, INDEX_NAME, error).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise error(f"{index}: has no weight_map")
+            if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+                raise error(f"{index}: has no weight_map of tensor names to file names")
             files = sorted(set(weight_map.values()))
+            allowed = set(listed[0]) if listed is not None else None
+            for name in files:  # a shard is a file of this directory (and of the manifest), never a path out of it
+                if Path(name).name != name or name in (".", "..") or (allowed is not None and name not in allowed):
+                    raise error(f"{index}: maps tensors to {name!r}, which is not a weight file of {self.path}")
         elif (self.path / SINGLE_NAME).exists():
             files, weight_map = [SINGLE_NAME], None
         else:

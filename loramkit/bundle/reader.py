@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -11,7 +15,7 @@ import torch
 from ..errors import BundleError
 from ..families import ArchSpec
 from ..families.geometry import LayerDims
-from .model_dir import Checkpoint
+from .model_dir import TOKENIZER_FILES, Checkpoint
 from .fsutil import read_json
 from .hashing import sha256_file
 from .manifest import load_manifest
@@ -73,9 +77,71 @@ class Bundle:
 
         p = self.verify_file(self.manifest["index_maps"])
         try:
-            return load_file(str(p))
-        except SafetensorError as exc:
+            maps = load_file(str(p))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise BundleError(f"{p}: unreadable index maps ({exc})") from None
+        problem = next(iter(index_map_problems(maps, self.base["tensors"])), None)
+        if problem is not None:
+            raise BundleError(f"{p}: {problem}; re-create the bundle")
+        return maps
+
+    @contextmanager
+    def verified_copy(self, names: tuple[str, ...] = ("config.json", *TOKENIZER_FILES)) -> Iterator[Path]:
+        """A private directory holding the listed ``names`` (tokenizer, chat template, config),
+        each verified against its sha256: what ``from_pretrained`` may read, so it never sees
+        an unlisted or modified file of the bundle."""
+        with tempfile.TemporaryDirectory(prefix="loramkit-verified-") as tmp:
+            for name in names:
+                if name in self.manifest["files"]:
+                    shutil.copyfile(self.verify_file(name), Path(tmp) / name)
+            yield Path(tmp)
 
     def weights(self) -> Checkpoint:
-        return Checkpoint(self.path, error=BundleError)
+        """The weight files the manifest lists (and its index, if any); nothing else is opened."""
+        w = self.manifest["weights"]
+        return Checkpoint(self.path, error=BundleError, listed=(list(w["files"]), w.get("index")))
+
+
+def index_map_problems(maps: dict[str, torch.Tensor], base_tensors: dict[str, Any]) -> list[str]:
+    """The checks every reader and ``validate`` apply to index maps before any use: each key
+    names a base tensor and one of its dimensions, each map is a 1-D int64 vector, strictly
+    ascending (so sorted and without duplicates) and inside that dimension.
+
+    A map breaking these would scatter rows to the wrong places (recover) or read past a tensor.
+    """
+    out: list[str] = []
+    for key, t in maps.items():
+        tensor, _, dim = key.rpartition(":")
+        shape = base_tensors.get(tensor, {}).get("shape") if isinstance(base_tensors.get(tensor), dict) else None
+        if shape is None or not dim.isdigit() or int(dim) >= len(shape):
+            out.append(f"index map {key!r} does not name a base tensor and one of its dimensions (tensor:dim)")
+        elif t.dtype != torch.int64 or t.dim() != 1:
+            out.append(f"index map {key} must be a 1-D int64 tensor, not {str(t.dtype).removeprefix('torch.')}{list(t.shape)}")
+        elif t.numel() and (int(t.min()) < 0 or int(t.max()) >= shape[int(dim)]):
+            out.append(f"index map {key} points outside {tensor} (dimension {dim} has {shape[int(dim)]})")
+        elif t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
+            out.append(f"index map {key} is not strictly ascending (unsorted or duplicate indices)")
+    return out
+
+
+def check_written(path: Path) -> None:
+    """A writer's last look at what it wrote, before the rename makes it the output: the manifest
+    as a reader reads it (schema, id, paths), the index maps' checks and the weight headers
+    (not a second hash of the weights: finalize just took them). Raises BundleError: a writer
+    bug, never shipped as a bundle."""
+    b = Bundle(path)
+    b.index_maps
+    with b.weights():
+        pass
+
+
+@contextmanager
+def tokenizer_source(path: str | Path) -> Iterator[Path]:
+    """Where ``AutoTokenizer.from_pretrained`` may read: a bundle's verified copy
+    (:meth:`Bundle.verified_copy`), or a plain model directory as it is."""
+    path = Path(path)
+    if (path / "loram.json").is_file():
+        with Bundle(path).verified_copy() as tmp:
+            yield tmp
+    else:
+        yield path

@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 
 from .. import progress
-from ..errors import LoramError
+from ..errors import BundleError, LoramError
 from ..families import ArchSpec
 from ..families.geometry import LayerDims, count_parameters, coupled_slices, layer_index_maps, pruned_shape, unit_rows
 from ..families.pruning_rules import IMPORTANCE_KINDS, ROUNDING_RULES, plan_layers
 from .hashing import config_sha256
 from .manifest import CARD_NAME, MANIFEST_NAME, bundle_id
 from . import quantization as qformat
-from .model_dir import Checkpoint
+from .model_dir import INDEX_NAME, Checkpoint
 from .reader import Bundle
 from .safetensors_io import DTYPES, tensor_sha256
 
@@ -120,7 +120,8 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
         rel = p.relative_to(b.path).as_posix()
         if not p.is_file() or rel == MANIFEST_NAME or rel in listed or any(s.startswith(".") for s in rel.split("/")):
             continue
-        (problems if p.name.endswith(_WEIGHT_SUFFIXES) else warnings).append(f"{rel}: not listed in the manifest")
+        followed = p.name.endswith(_WEIGHT_SUFFIXES) or p.name == INDEX_NAME  # what other tools would load
+        (problems if followed else warnings).append(f"{rel}: not listed in the manifest")
     if bundle_id(m) != m["bundle_id"]:
         problems.append("bundle_id does not match the manifest's content (edited by hand?)")
     if problems:  # the rest reads these files; their content cannot be trusted
@@ -149,7 +150,10 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
 
     base = m["base"]["tensors"]
     names = set(base)
-    maps = b.index_maps
+    try:
+        maps = b.index_maps  # the readers' own checks (reader.index_map_problems)
+    except BundleError as exc:
+        return problems + [str(exc)], warnings
     expected_maps: dict[str, torch.Tensor] = {}
     G = arch.group_size
     for d in layers:

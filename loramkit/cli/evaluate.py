@@ -59,8 +59,11 @@ def register(app: typer.Typer) -> None:
             except (RuntimeError, ValueError) as exc:
                 first = str(exc).strip().splitlines()[0]
                 raise LoramError(f"{adapter}: does not fit {model} ({first}); recover it first if it was trained on a bundle") from None
+        from ..bundle.reader import tokenizer_source
+
         try:
-            tok = AutoTokenizer.from_pretrained(model_path)
+            with tokenizer_source(model_path) as src:  # a bundle's listed, sha256-verified files only
+                tok = AutoTokenizer.from_pretrained(src)
         except (OSError, ValueError) as exc:
             raise LoramError(f"{model}: no usable tokenizer ({exc})") from None
         examples, fmt = load_examples(data, tok, seq_len, fmt=data_format.value)

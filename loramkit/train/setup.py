@@ -108,8 +108,11 @@ def load_tokenizer(path: str | Path) -> tuple[Any, int]:
     """(the bundle's tokenizer, the pad id batches use: pad, else eos, else 0)."""
     from transformers import AutoTokenizer
 
+    from ..bundle.reader import tokenizer_source
+
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        with tokenizer_source(path) as src:  # a bundle's listed, sha256-verified files only
+            tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as exc:
         raise LoramError(f"{path}: the bundle has no usable tokenizer ({exc}); re-prune a base that ships one") from None
     return tok, pad_id_of(tok)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import quantization as qformat
+from .bundle.fsutil import check_out_clear, output_lock, recover_leftovers
 from .errors import LoramError, OutputExistsError
 
 
@@ -34,13 +35,16 @@ def prune_quantized(
     if quant_type not in qformat.QUANT_TYPES:
         raise LoramError(f"unknown quantization type {quant_type!r}; choose one of {', '.join(qformat.QUANT_TYPES)}")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = out.parent / f".{out.name}.tmp-prune-{uuid.uuid4().hex[:8]}"
-    try:
-        prune(base_dir, scratch, ratio, show_progress=show_progress, **prune_kw)
-        shard = prune_kw.get("max_shard_size", "2GiB")
-        return quantize_bundle(scratch, out, quant_type, max_shard_size=shard, overwrite=overwrite, show_progress=show_progress)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    check_out_clear(out, [base_dir, prune_kw.get("calibration"), prune_kw.get("offload_dir")])
+    with output_lock(out) as fresh:  # OUT is this run's from the scratch bundle to the quantized one
+        if fresh:
+            recover_leftovers(out)  # a killed run's scratch bundle too
+        if out.exists() and not overwrite:
+            raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
+        scratch = out.parent / f".{out.name}.tmp-prune-{uuid.uuid4().hex[:8]}"
+        try:
+            prune(base_dir, scratch, ratio, show_progress=show_progress, **prune_kw)
+            shard = prune_kw.get("max_shard_size", "2GiB")
+            return quantize_bundle(scratch, out, quant_type, max_shard_size=shard, overwrite=overwrite, show_progress=show_progress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)

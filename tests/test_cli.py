@@ -556,3 +556,103 @@ def test_train_align_eval_json(capsys, bundle, tmp_path):
     assert rc == 0 and s["examples"] > 0 and s["loss"] > 0 and s["data_format"] == "text"
     rc, _, err = run_cli(capsys, "eval", bundle, "--data", data, "--data-format", "csv")
     assert rc == 2 and "'csv' is not one of" in err
+
+
+# ---------------------------------------------------------------------------- issue 13: the output contract
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (hidden ones too) -> sha256: an input is intact when this is unchanged."""
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_prune_into_the_parent_of_its_base_is_refused(capsys, base, tmp_path):
+    """Before: `prune PARENT/base --out PARENT --overwrite` deleted the base and everything beside it."""
+    parent = tmp_path / "parent"
+    shutil.copytree(base, parent / "base")
+    (parent / "beside.txt").write_text("mine")
+    before = tree_digest(parent)
+    rc, out, err = run_cli(capsys, "prune", parent / "base", "--out", parent, "--ratio", "0.5", "--overwrite")
+    assert_one_line_error(rc, err, "contains the input")
+    assert out == "" and tree_digest(parent) == before
+    rc, _, err = run_cli(capsys, "prune", parent / "base", "--out", parent / "base" / "b", "--ratio", "0.5")
+    assert_one_line_error(rc, err, "lies inside the input")
+    assert tree_digest(parent) == before
+
+
+@pytest.mark.parametrize("target", ["adapter", "bundle"])
+def test_recover_onto_its_own_inputs_is_refused(capsys, adapter, bundle, tmp_path, target):
+    """Before: `recover A --out A --overwrite` replaced the adapter it read; `--out BUNDLE` the bundle."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(adapter, a)
+    shutil.copytree(bundle, b)
+    before = (tree_digest(a), tree_digest(b))
+    rc, _, err = run_cli(capsys, "recover", a, "--bundle", b, "--out", {"adapter": a, "bundle": b}[target], "--overwrite")
+    assert_one_line_error(rc, err, "is the input")
+    assert (tree_digest(a), tree_digest(b)) == before
+
+
+def test_recover_merge_with_a_wrong_base_keeps_the_existing_outputs(capsys, adapter, bundle, base, tmp_path, make_base_dir):
+    """Before: `recover --merge --overwrite` with a wrong --base deleted the existing --out first."""
+    out, merged = tmp_path / "recovered", tmp_path / "merged"
+    rc, _, err = run_cli(capsys, "recover", adapter, "--out", out, "--bundle", bundle, "--merge", "--base", base, "--merged-out", merged)
+    assert rc == 0, err
+    before = (tree_digest(out), tree_digest(merged))
+    wrong = make_base_dir("qwen2")
+    rc, _, err = run_cli(capsys, "recover", adapter, "--out", out, "--bundle", bundle, "--merge", "--base", wrong,
+                         "--merged-out", merged, "--overwrite")  # fmt: skip
+    assert_one_line_error(rc, err, str(wrong))
+    assert (tree_digest(out), tree_digest(merged)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "recovered"]
+
+
+_KILL_MID_MERGE = """
+import os, signal, sys
+from loramkit.bundle import safetensors_io
+from loramkit import cli
+real = safetensors_io.StreamingWriter.write
+def write(self, *a, **k):
+    real(self, *a, **k)
+    os.kill(os.getpid(), signal.SIGKILL)  # kill -9 in the middle of the merged weights
+safetensors_io.StreamingWriter.write = write
+sys.exit(cli.run(sys.argv[1:]))
+"""
+
+
+def test_recover_merge_killed_with_sigkill_can_simply_be_run_again(capsys, adapter, bundle, base, tmp_path):
+    """Before: after kill -9 of `recover --merge`, the identical command said OUT already exists."""
+    out, merged = tmp_path / "recovered", tmp_path / "merged"
+    args = ["recover", str(adapter), "--out", str(out), "--bundle", str(bundle), "--merge", "--base", str(base), "--merged-out", str(merged)]
+    killed = subprocess.run([sys.executable, "-c", _KILL_MID_MERGE, *args], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists() and not merged.exists()  # neither output; only hidden staging leftovers
+    rc, _, err = run_cli(capsys, *args)  # the identical command
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "recovered"]  # leftovers cleaned up
+
+
+def test_a_killed_prunes_staging_folder_is_removed_by_the_next_prune(capsys, base, tmp_path):
+    """Before: a killed prune left a hidden full-size `.OUT.tmp-*` folder that no command removed."""
+    stale = tmp_path / ".bundle.tmp-0badc0de"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 4096)
+    rc, _, err = run_cli(capsys, "prune", base, "--out", tmp_path / "bundle", "--ratio", "0.5")
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_prune_on_a_full_disk_is_one_line_and_leaves_nothing(capsys, base, tmp_path, monkeypatch):
+    """Before: a traceback (OSError ENOSPC) and, depending on where, a partial staging folder."""
+    import errno
+
+    from loramkit.bundle import safetensors_io
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors_io.StreamingWriter, "write", full)
+    rc, out, err = run_cli(capsys, "prune", base, "--out", tmp_path / "bundle", "--ratio", "0.5")
+    assert_one_line_error(rc, err, str(tmp_path / "bundle"), "not enough disk space", "bytes")
+    assert out == "" and list(tmp_path.iterdir()) == []

@@ -44,11 +44,13 @@ def check_out_clear(out: str | Path, inputs: Iterable[str | Path | None]) -> Non
 
 
 @contextmanager
-def output_lock(out: str | Path) -> Iterator[None]:
+def output_lock(out: str | Path) -> Iterator[bool]:
     """Hold an exclusive lock on ``out`` (``fcntl.flock`` on the sibling ``.OUT.lock``) or refuse at once.
 
-    The lock file is removed on release; a waiter that locked a file already removed notices
-    (inode check) and refuses too, so two writers can never both hold one output.
+    Yields whether the lock is fresh (false when this process already held it: a nested
+    writer, whose leftovers are its outer writer's own). The lock file is removed on release;
+    a waiter that locked a file already removed notices (inode check) and refuses too, so two
+    writers can never both hold one output.
 
     Raises:
         OutputBusyError: another process holds the lock.
@@ -59,7 +61,7 @@ def output_lock(out: str | Path) -> Iterator[None]:
     if key in _HELD:
         _HELD[key][1] += 1
         try:
-            yield
+            yield False
         finally:
             _HELD[key][1] -= 1
         return
@@ -74,16 +76,17 @@ def output_lock(out: str | Path) -> Iterator[None]:
         raise OutputBusyError(f"{out}: another loramkit process is writing it right now; wait for it or choose another output") from None
     _HELD[key] = [fd, 1]
     try:
-        yield
+        yield True
     finally:
         del _HELD[key]
         lock.unlink(missing_ok=True)
         os.close(fd)  # releases the lock
 
 
-def _recover_leftovers(out: Path) -> None:
-    """Undo what a killed run left (call with the lock held): put back an old output renamed
-    aside when ``out`` is gone (a kill between the two renames), remove stale staging folders."""
+def recover_leftovers(out: Path) -> None:
+    """Undo what a killed run left (call with a fresh lock held): put back an old output renamed
+    aside when ``out`` is gone (a kill between the two renames), remove stale staging folders
+    (``.OUT.tmp-*``, which is also what multi-step writers name their scratch)."""
     olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
     if olds and not (out.exists() or out.is_symlink()):
         os.replace(olds.pop(), out)
@@ -144,8 +147,9 @@ def staged(
         with _staged(out, overwrite, directory, need_bytes, check) as tmp:
             yield tmp
         return
-    with output_lock(out):
-        _recover_leftovers(out)
+    with output_lock(out) as fresh:
+        if fresh:
+            recover_leftovers(out)
         with _staged(out, overwrite, directory, need_bytes, check) as tmp:
             yield tmp
 

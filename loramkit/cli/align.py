@@ -62,7 +62,12 @@ def register(app: typer.Typer) -> None:
         main = int(os.environ.get("RANK", "0")) == 0
         from ..hub.resolve import bundle_dir
 
-        s = align(bundle_dir(bundle, endpoint=endpoint, token=token), data, out, config, description=description, eval_data=eval_data, resume=resume,
+        from ..bundle.fsutil import check_out_clear
+
+        path = bundle_dir(bundle, endpoint=endpoint, token=token)
+        check_out_clear(out, [path, data, eval_data])
+        check_out_clear(out.with_name(out.name + ".ckpt"), [path, data, eval_data])
+        s = align(path, data, out, config, description=description, eval_data=eval_data, resume=resume,
                   overwrite=overwrite, device=device, log=lambda m: err.print(m))  # fmt: skip
         if not main:
             return

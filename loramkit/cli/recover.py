@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,6 +27,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Turn an adapter of the pruned model into a standard PEFT adapter of the original model."""
         from ..bundle import Bundle
+        from ..bundle.fsutil import check_out_clear
         from ..hub.resolve import adapter_dir, bundle_dir, model_dir
         from ..recover.adapter import recover_adapter
         from ..recover.merge import merge_adapter
@@ -40,20 +40,19 @@ def register(app: typer.Typer) -> None:
         adapter_path = adapter_dir(adapter, **hub)
         bundle_path = bundle_dir(bundle, "metadata", **hub) if bundle else _recorded_bundle(adapter_path, hub)
         base_path = model_dir(base, **hub) if merge else None
-        existed = out.exists()
-        result = recover_adapter(adapter_path, out, bundle_path, overwrite=overwrite)
-        result = {"adapter": adapter, "out": str(out), **result, "merged": None}
+        if merged_out is not None:
+            check_out_clear(merged_out, [out, adapter_path, bundle_path, base_path])
+            check_out_clear(out, [merged_out])
+
+        def merge_staged(staged_adapter: Path, b: Bundle) -> None:
+            """The merge reads the adapter before it becomes OUT: both outputs or neither (re-runnable)."""
+            merge_adapter(base_path, staged_adapter, merged_out, b, overwrite=overwrite)
+
+        result = recover_adapter(adapter_path, out, bundle_path, overwrite=overwrite, then=merge_staged if merge else None)
+        result = {"adapter": adapter, "out": str(out), **result, "merged": str(merged_out) if merge else None}
         if not as_json:
             console.print(f"wrote {out}: {result['modules']} modules recovered for {result['base']}")
-        if merge:
-            try:
-                merge_adapter(base_path, out, merged_out, Bundle(result["bundle"]), overwrite=overwrite)
-            except BaseException:
-                if not existed:  # all or nothing: a failed merge takes back the adapter it needed
-                    shutil.rmtree(out, ignore_errors=True)
-                raise
-            result["merged"] = str(merged_out)
-            if not as_json:
+            if merge:
                 console.print(f"wrote {merged_out}: {base} with the adapter merged")
         if as_json:
             print_json(result)

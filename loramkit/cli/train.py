@@ -67,6 +67,10 @@ def register(app: typer.Typer) -> None:
         from ..hub.resolve import HubRef, bundle_dir, identity, parse_ref
 
         path = bundle_dir(bundle, endpoint=endpoint, token=token)
+        from ..bundle.fsutil import check_out_clear
+
+        for target in (out, out.with_name(out.name + ".ckpt")):  # the adapter and its checkpoints
+            check_out_clear(target, [path, data, eval_data])
         repo, commit = identity(path, bundle)
         ref = f"{repo}@{commit}" if repo and commit else (bundle if isinstance(parse_ref(bundle), HubRef) else None)
         s = train(path, data, out, config, bundle_ref=ref, eval_data=eval_data, resume=resume, overwrite=overwrite, device=device,

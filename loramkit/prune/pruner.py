@@ -18,8 +18,9 @@ import torch
 
 from ..bundle import card
 from ..bundle.model_dir import INDEX_NAME, Checkpoint, parse_size, plan_shards, shard_names
-from ..bundle.fsutil import staged_dir, write_json
+from ..bundle.fsutil import check_out_clear, staged_dir, write_json
 from ..bundle.hashing import config_sha256
+from ..bundle.reader import check_written
 from ..bundle.manifest import INDEX_MAPS_NAME
 from ..bundle.safetensors_io import DTYPE_NAMES, DTYPES, StreamingWriter, nbytes_of, tensor_sha256
 from ..bundle.writer import copy_base_files, finalize, new_manifest
@@ -27,7 +28,7 @@ from ..errors import BaseModelError, LoramError, OutputExistsError
 from ..families import ArchSpec
 from .. import progress
 from ..memory import return_large_blocks_to_os
-from ..families.geometry import LayerDims, layer_index_maps, pruned_shape, slice_tensor
+from ..families.geometry import LayerDims, count_parameters, layer_index_maps, pruned_shape, slice_tensor
 from ..families.pruning_rules import IMPORTANCE_KINDS, plan_layers
 from .importance import expert_channel_scores, group_scores, random_expert_units, random_units, top_units
 from .calibration import (
@@ -56,6 +57,13 @@ def _check_tensors(ckpt: Checkpoint, arch: ArchSpec) -> None:
                 raise BaseModelError(
                     f"{ckpt.path}: {name} is {info.dtype}; prune a 16/32-bit checkpoint (quantize after pruning)"
                 )
+
+
+def _planned_bytes(ckpt: Checkpoint, layers: list[LayerDims], arch: ArchSpec) -> int:
+    """About what the pruned weights take on disk (the base's bytes per parameter times the
+    kept parameters): checked against the free space before writing."""
+    infos = [ckpt.info(n) for n in ckpt.names()]
+    return sum(i.nbytes for i in infos) * count_parameters(arch, layers) // max(sum(i.numel for i in infos), 1)
 
 
 def _order_key(arch: ArchSpec, name: str) -> tuple[int, str]:
@@ -111,7 +119,9 @@ def prune(
         raise LoramError(f"seed must be a non-negative integer, got {seed}")
     if importance in CALIBRATED and calibration is None:
         raise LoramError(f"{importance} importance needs --calibration FILE (texts to run through the base)")
-    if Path(out_dir).exists() and not overwrite:  # before any (taylor: long) work; staged_dir checks again
+    inputs = [base_dir, calibration, offload_dir]
+    check_out_clear(out_dir, inputs)  # before any (taylor: long) work; staged_dir checks again
+    if Path(out_dir).exists() and not overwrite:
         raise OutputExistsError(f"{out_dir} already exists; choose another output or pass --overwrite")
     ckpt = Checkpoint(base_dir)
     try:
@@ -134,7 +144,8 @@ def prune(
             taylor = calibrated_scores(base_dir, arch, pruned_idx, calib, importance, settings)
             calib_record = calib.record()
 
-        with staged_dir(out_dir, overwrite) as tmp:
+        need = _planned_bytes(ckpt, layers, arch)
+        with staged_dir(out_dir, overwrite, inputs=inputs, need_bytes=need, check=check_written) as tmp:
             manifest = _stream(ckpt, arch, layers, importance, seed, taylor, tmp, parse_size(max_shard_size), show_progress)
             copy_base_files(base_dir, tmp)
             manifest.update(

@@ -27,7 +27,8 @@ from ..memory import return_large_blocks_to_os
 from ..bundle import Bundle, card
 from ..bundle import quantization as qformat
 from ..bundle.model_dir import INDEX_NAME, parse_size, plan_shards, shard_names
-from ..bundle.fsutil import staged_dir, write_json
+from ..bundle.fsutil import check_out_clear, staged_dir, write_json
+from ..bundle.reader import check_written
 from ..bundle.safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsReader, StreamingWriter, nbytes_of, tensor_bytes
 from ..bundle.writer import finalize, new_manifest
 from ..errors import LoramError, OutputExistsError
@@ -75,6 +76,7 @@ def quantize_bundle(
         raise LoramError(f"compute dtype {compute_dtype!r} is not one of {', '.join(qformat.COMPUTE_DTYPES)}")
     if Path(out).exists() and not overwrite:  # before hashing the source; staged_dir checks again
         raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
+    check_out_clear(out, [src.path if isinstance(src, Bundle) else src])
     b = src if isinstance(src, Bundle) else Bundle(src)
     m = b.manifest
     if m.get("quantization") is not None:
@@ -90,7 +92,7 @@ def quantize_bundle(
     section = qformat.section(quant_type, blocksize, double_quant, compute_dtype, modules)
     targets = {f"{mod}.weight": mod for mod in modules}
 
-    with b.weights() as ckpt, staged_dir(out, overwrite) as tmp:
+    with b.weights() as ckpt, staged_dir(out, overwrite, inputs=[b.path], check=check_written) as tmp:
         names = sorted(ckpt.names(), key=lambda n: (_layer(family, n), n))
         missing = sorted(set(targets) - set(names))
         if missing:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..bundle import Bundle
-from ..bundle.fsutil import read_json, staged_dir, write_json
+from ..bundle.fsutil import check_out_clear, read_json, staged_dir, write_json
 from ..bundle.card import compose as compose_card, tags_of as card_tags_of
 from ..bundle.manifest import ADAPTER_RECORD_NAME as ADAPTER_RECORD, BUNDLE_TAG_PREFIX, MANIFEST_NAME, bundle_tag
 from ..errors import AdapterError, BundleError
@@ -226,8 +226,13 @@ def recover_adapter(
     bundle: str | Path | Bundle | None = None,
     *,
     overwrite: bool = False,
+    then: Callable[[Path, Bundle], None] | None = None,
 ) -> dict[str, Any]:
     """Write the full-model PEFT adapter for ``adapter_dir`` to ``out_dir``; returns a summary.
+
+    ``then(staged_adapter, bundle)`` runs on the written adapter before it becomes ``out_dir``
+    (``recover --merge`` writes the merged model there), so a failed or killed step leaves
+    neither output, and the same command can simply be run again.
 
     Raises:
         AdapterError: foreign adapter, shapes not matching the bundle, unknown target
@@ -238,14 +243,18 @@ def recover_adapter(
     adapter = Adapter.read(adapter_dir)
     check_plain_lora(adapter.config, adapter.path)
     b = resolve_bundle(adapter, bundle)
+    inputs = [adapter.path, b.path]
+    check_out_clear(out_dir, inputs)
     tensors = recover_tensors(adapter, b)
     config = dict(adapter.config)
     config["base_model_name_or_path"] = b.base["name_or_path"]
     config["revision"] = b.base.get("revision")
-    with staged_dir(out_dir, overwrite) as tmp:
+    with staged_dir(out_dir, overwrite, inputs=inputs) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         write_json(tmp / ADAPTER_CONFIG, config)
         (tmp / "README.md").write_text(_card(config, b), encoding="utf-8")
+        if then is not None:
+            then(tmp, b)
     return {
         "bundle": str(b.path),
         "bundle_id": b.bundle_id,

@@ -19,7 +19,7 @@ from .. import progress
 from ..memory import return_large_blocks_to_os
 from ..bundle import Bundle
 from ..bundle.model_dir import INDEX_NAME, TOKENIZER_FILES, Checkpoint
-from ..bundle.fsutil import staged_dir
+from ..bundle.fsutil import check_out_clear, staged_dir
 from ..bundle.hashing import config_sha256
 from ..bundle.safetensors_io import StreamingWriter, tensor_sha256
 from ..errors import AdapterError, BaseModelError
@@ -80,6 +80,7 @@ def merge_adapter(
     if adapter.config.get("fan_in_fan_out"):
         raise AdapterError(f"{adapter.path}: fan_in_fan_out adapters (GPT-2 Conv1D) are unsupported")
     base_dir = Path(base_dir)
+    check_out_clear(out_dir, [base_dir, adapter.path, bundle.path if bundle else None])
     with Checkpoint(base_dir) as ckpt:
         arch = None
         if adapter.config.get("target_parameters"):  # only a mixture of experts' expert tensors
@@ -105,7 +106,8 @@ def merge_adapter(
                 raise AdapterError(f"{adapter.path}: adapter for {w} does not fit the base's shape {[out_f, in_f]}")
 
         total = sum(ckpt.info(n).nbytes for n in names)
-        with staged_dir(out_dir, overwrite) as tmp, progress.task("merging", total, show=show_progress) as advance:
+        inputs = [base_dir, adapter.path, bundle.path if bundle else None]
+        with staged_dir(out_dir, overwrite, inputs=inputs, need_bytes=total) as tmp, progress.task("merging", total, show=show_progress) as advance:
             for fname, reader in ckpt.readers.items():
                 entries = [(n, i.dtype, i.shape) for n, i in reader.tensors.items()]
                 writer = StreamingWriter(tmp / fname, entries, reader.metadata or {"format": "pt"})

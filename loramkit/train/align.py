@@ -324,7 +324,9 @@ def _write_bundle(
     for rel in m["files"]:  # everything copied below is what the manifest names
         if rel != CARD_NAME and rel not in weight_files:
             b.verify_file(rel)
-    with b.weights() as ckpt, staged_dir(out, overwrite) as tmp:
+    from ..bundle.reader import check_written
+
+    with b.weights() as ckpt, staged_dir(out, overwrite, inputs=[b.path], check=check_written) as tmp:
         sha: dict[str, str] = {}
         for file in m["weights"]["files"]:
             reader = ckpt.readers[file]

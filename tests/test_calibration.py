@@ -299,9 +299,11 @@ def test_same_inputs_same_bundle_id(make_base_dir, tmp_path):
     """Same base, calibration and settings: the same bundle, whether boundaries sat in memory or on disk."""
     base = make_base_dir("qwen3")
     calib = _calib_file(tmp_path)
+    offload = tmp_path / "offload"
+    offload.mkdir()
     ids = {}
     for name, importance, extra in [
-        ("taylor", "taylor", {}), ("taylor-again", "taylor", {}), ("taylor-disk", "taylor", {"activation_budget": 0, "offload_dir": tmp_path}),
+        ("taylor", "taylor", {}), ("taylor-again", "taylor", {}), ("taylor-disk", "taylor", {"activation_budget": 0, "offload_dir": offload}),
         ("activation", "activation", {}), ("activation-again", "activation", {}),
     ]:  # fmt: skip
         m = prune(base, tmp_path / name, 0.5, importance=importance, calibration=calib, calibration_samples=3,

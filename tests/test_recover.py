@@ -16,13 +16,14 @@ Every adapter here is made by PEFT itself (``get_peft_model(load_pruned_model(bu
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from loramkit import Bundle
-from loramkit.errors import AdapterError, OutputExistsError
+from loramkit.errors import AdapterError, BundleError, OutputExistsError
 from loramkit.bundle.manifest import bundle_tag
 from loramkit.recover.adapter import recover_adapter
 from tests.lora_helpers import (
@@ -443,3 +444,85 @@ def test_existing_output_needs_overwrite(shop, tmp_path):
     assert listing(parent) == ["recovered", *(f"recovered/{n}" for n in ["README.md", ADAPTER_CONFIG, ADAPTER_WEIGHTS])]
     ref = shop.recovered(adapter, bundle)
     assert (out / ADAPTER_WEIGHTS).read_bytes() == (ref / ADAPTER_WEIGHTS).read_bytes()
+
+
+# ---------------------------------------------------------------------------- issue 13: PEFT's own rules, before recovery
+
+
+@pytest.mark.parametrize(
+    "config, needle",
+    [
+        ({"r": 3}, "r=3"),  # the tensors have another rank
+        ({"lora_alpha": "16"}, "lora_alpha"),
+        ({"lora_alpha": float("nan")}, "lora_alpha"),
+        ({"r": True}, "positive integer"),
+        ({"rank_pattern": {"q_proj": 2}}, "r=2"),
+        ({"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "not_there"]}, "not_there"),
+        ({"target_modules": ["k_proj"]}, "does not name"),  # tensors for modules the config does not target
+    ],
+    ids=["rank", "alpha-string", "alpha-nan", "r-bool", "rank-pattern", "target-without-tensors", "tensors-not-targeted"],
+)
+def test_refuses_adapters_peft_could_not_load(shop, tmp_path, config, needle):
+    """Before: recover wrote these adapters, which PEFT then refuses (or loads wrongly)."""
+    bundle = shop.bundle("llama_gqa")
+    adapter = copy_dir(shop.adapter(bundle), tmp_path / "adapter")
+    edit_config(adapter, **config)
+    refused(tmp_path, lambda out: recover_adapter(adapter, out, bundle), AdapterError, needle)
+
+
+def test_refuses_non_finite_adapter_tensors(shop, tmp_path):
+    """Before: an adapter trained with --alpha nan recovered (exit 0) into NaN everywhere."""
+    bundle = shop.bundle("llama_gqa")
+    adapter = copy_dir(shop.adapter(bundle), tmp_path / "adapter")
+    _, tensors = read_adapter(adapter)
+    key = next(k for k in sorted(tensors) if k.endswith("lora_B.weight"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = float("nan")
+    write_adapter_tensors(adapter, tensors)
+    refused(tmp_path, lambda out: recover_adapter(adapter, out, bundle), AdapterError, "non-finite", key)
+
+
+def test_refuses_a_merge_that_overflows(shop, tmp_path):
+    """Finite adapter values whose product overflows the base's dtype: refused, nothing written."""
+    from loramkit.recover.merge import merge_adapter
+
+    case = "llama_gqa"
+    base, bundle = shop.base(case), shop.bundle(case)
+    recovered = copy_dir(shop.recovered(shop.adapter(bundle), bundle), tmp_path / "recovered")
+    _, tensors = read_adapter(recovered)
+    tensors = {k: (v * 1e30 if "lora_" in k else v) for k, v in tensors.items()}  # B @ A ~ 1e60: beyond float32
+    write_adapter_tensors(recovered, tensors)
+    refused(tmp_path, lambda out: merge_adapter(base, recovered, out, Bundle(bundle), show_progress=False), AdapterError, "non-finite")
+
+
+@pytest.mark.parametrize("how", ["negative", "duplicate", "unsorted"])
+def test_recover_refuses_index_maps_validate_rejects(shop, tmp_path, how):
+    """Before: recover with such maps (re-signed so the hashes pass) exited 0, rows scattered wrongly."""
+    from safetensors.torch import load_file, save_file
+
+    from loramkit.bundle.hashing import sha256_file
+    from loramkit.bundle.manifest import bundle_id
+
+    src = shop.bundle("llama_gqa")
+    adapter = copy_dir(shop.adapter(src), tmp_path / "adapter")
+    for evidence in ("README.md", "loram_adapter.json"):  # the re-signed bundle has another id: no evidence
+        (adapter / evidence).unlink(missing_ok=True)
+    edit_config(adapter, base_model_name_or_path=None)
+    bundle = copy_dir(src, tmp_path / "bundle")
+    maps = load_file(str(bundle / "kept_indices.safetensors"))
+    key = next(k for k in sorted(maps) if k.endswith("q_proj.weight:0"))
+    t = maps[key].clone()
+    if how == "negative":
+        t[0] = -1
+    elif how == "duplicate":
+        t[1] = t[0]
+    else:
+        t[[0, 1]] = t[[1, 0]]
+    maps[key] = t
+    save_file(maps, str(bundle / "kept_indices.safetensors"))
+    m = json.loads((bundle / "loram.json").read_text())
+    m["files"]["kept_indices.safetensors"] = {"sha256": sha256_file(bundle / "kept_indices.safetensors"),
+                                             "size": (bundle / "kept_indices.safetensors").stat().st_size}  # fmt: skip
+    m["bundle_id"] = bundle_id(m)
+    (bundle / "loram.json").write_text(json.dumps(m))
+    refused(tmp_path, lambda out: recover_adapter(adapter, out, bundle), BundleError, "index map", key)

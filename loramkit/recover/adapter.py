@@ -8,6 +8,7 @@ zero elsewhere; r, alpha and every other LoRA setting carry over unchanged.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,74 @@ def check_plain_lora(config: dict[str, Any], where: Path) -> None:
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
             raise AdapterError(f"{where}: {what} adapters are unsupported; recover needs plain LoRA")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return pattern[key]
+    return default
+
+
+def _targeted(target: Any, module: str) -> bool:
+    """PEFT's rule (check_target_module_exists): a string is a full-match regex, a list matches
+    a module by its name or a dotted suffix."""
+    if isinstance(target, str):
+        return target == "all-linear" or re.fullmatch(target, module) is not None
+    return module in target or any(module.endswith(f".{t}") for t in target)
+
+
+def check_peft_rules(adapter: Adapter) -> None:
+    """What PEFT needs to load the adapter we would write, checked before recovery: r,
+    lora_alpha and their patterns finite numbers (r a positive integer), every LoRA tensor's
+    rank the configured one, every tensor's module targeted and every listed target adapted,
+    and every value finite.
+
+    Raises:
+        AdapterError: the first rule broken, naming the key or module.
+    """
+    c, where = adapter.config, adapter.path
+    r, alpha = c.get("r", 8), c.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
+        raise AdapterError(f"{where}: rank_pattern and alpha_pattern must be objects in {ADAPTER_CONFIG}")
+    for name, v in [("r", r), *((f"rank_pattern[{k!r}]", v) for k, v in rank_pattern.items())]:
+        if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            raise AdapterError(f"{where}: {name} in {ADAPTER_CONFIG} must be a positive integer, not {v!r}")
+    for name, v in [("lora_alpha", alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in alpha_pattern.items())]:
+        if not _is_number(v):
+            raise AdapterError(f"{where}: {name} in {ADAPTER_CONFIG} must be a finite number, not {v!r}")
+    target = c.get("target_modules")
+    if not (isinstance(target, str) or (isinstance(target, list) and target and all(isinstance(t, str) for t in target))):
+        raise AdapterError(f"{where}: target_modules in {ADAPTER_CONFIG} must be a module name list or a regex, not {target!r}")
+    experts = c.get("target_parameters") or []
+    adapted: set[str] = set()
+    for key, t in adapter.tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            continue  # refused (or dropped, for saved base layers) by recovery itself
+        module, part = m["module"], m["part"]
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{where}: {key} holds non-finite values (NaN or inf) or is not floating point; retrain it")
+        owner = re.sub(r"(\.base_layer)+$", "", module)
+        if experts and any(("." + owner).endswith("." + p.rpartition(".")[0]) for p in experts if "." in p):
+            continue  # LoRA on fused expert tensors (r per expert, stacked): recover/experts.py checks them
+        adapted.add(module)
+        rank = _pattern_value(rank_pattern, module, r)
+        got = t.shape[0] if part in ("lora_A", "lora_embedding_A") else t.shape[-1]
+        if t.dim() != 2 or got != rank:
+            raise AdapterError(f"{where}: {key} has rank {got} but {ADAPTER_CONFIG} says r={rank} for {module}; PEFT cannot load it")
+        if not _targeted(target, module):
+            raise AdapterError(f"{where}: {key} adapts {module}, which target_modules {target!r} does not name; PEFT cannot load it")
+    if isinstance(target, list) and adapted:
+        idle = [t for t in target if not any(_targeted([t], mod) for mod in adapted)]
+        if idle and not experts:
+            raise AdapterError(f"{where}: target_modules names {idle[0]!r} but the adapter holds no tensors for it; PEFT cannot load it")
 
 
 def resolve_bundle(adapter: Adapter, bundle: str | Path | Bundle | None) -> Bundle:
@@ -242,6 +311,7 @@ def recover_adapter(
 
     adapter = Adapter.read(adapter_dir)
     check_plain_lora(adapter.config, adapter.path)
+    check_peft_rules(adapter)
     b = resolve_bundle(adapter, bundle)
     inputs = [adapter.path, b.path]
     check_out_clear(out_dir, inputs)

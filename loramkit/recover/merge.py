@@ -24,7 +24,7 @@ from ..bundle.hashing import config_sha256
 from ..bundle.safetensors_io import StreamingWriter, tensor_sha256
 from ..errors import AdapterError, BaseModelError
 from ..families import ArchSpec
-from .adapter import _KEY, Adapter, check_plain_lora
+from .adapter import _KEY, Adapter, check_peft_rules, check_plain_lora
 from .experts import expert_deltas, expert_param, targeted_params
 
 
@@ -77,6 +77,7 @@ def merge_adapter(
     return_large_blocks_to_os()
     adapter = Adapter.read(adapter_dir)
     check_plain_lora(adapter.config, adapter.path)
+    check_peft_rules(adapter)
     if adapter.config.get("fan_in_fan_out"):
         raise AdapterError(f"{adapter.path}: fan_in_fan_out adapters (GPT-2 Conv1D) are unsupported")
     base_dir = Path(base_dir)
@@ -124,8 +125,11 @@ def merge_adapter(
                                 w32.addmm_(a.float().T, b.float().T, alpha=s)
                             else:
                                 w32.addmm_(b.float(), a.float(), alpha=s)
-                            writer.write(n, w32.to(t.dtype))
-                            del t, w32
+                            merged = w32.to(t.dtype)
+                            if not bool(torch.isfinite(merged).all()):  # finite inputs can still overflow (fp16)
+                                raise AdapterError(f"{adapter.path}: merging gives non-finite values in {n}; the adapter is unusable on this base")
+                            writer.write(n, merged)
+                            del t, w32, merged
                         else:  # unadapted: copied in chunks, never whole in memory
                             h = hashlib.sha256()
                             writer.copy_from(reader, n, h.update)

@@ -411,3 +411,42 @@ def test_moe_taylor_scores_each_experts_channels_as_float64_autograd(moe, tmp_pa
             top, rest = order[: I_MOE // 2], order[I_MOE // 2 :]
             if got[i][1][e][top].min() > 1.001 * got[i][1][e][rest].max():
                 assert kept[e].tolist() == sorted(top.tolist()), (i, e)
+
+
+def test_moe_activation_scores_each_experts_routed_tokens(moe, tmp_path):
+    """Minitron's channel activation per expert: |act(gate) * up| over the tokens routed to it, / all tokens.
+
+    Reference: a float64 eager model whose experts' inputs (hidden states, routed experts) are
+    captured, and each expert's MLP recomputed here from the stored per-expert weights.
+    """
+    from loramkit.prune.calibration import EngineSettings, calibrated_scores, load_calibration
+
+    base = moe["base"]
+    calib_file = tmp_path / "calib.txt"
+    calib_file.write_text("\n\n".join(sample_texts(40, seed=5)))
+    calib = load_calibration(calib_file, base, 256, 5, 24)
+    arch = ArchSpec.from_config(json.loads((base / "config.json").read_text()))
+    layers = [2, 4, 6]
+    got = calibrated_scores(base, arch, layers, calib, "activation", EngineSettings(micro_batch=2, dtype=torch.float64, show_progress=False))
+
+    stored = load_file(str(base / "model.safetensors"))
+    model = _moe_base64(base)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i in layers:
+        model.model.layers[i].mlp.experts.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, (a[0], a[1])))
+    with torch.no_grad():
+        model(input_ids=calib.ids)
+    for i in layers:
+        x, routed = seen[i]  # (tokens, H), (tokens, top_k)
+        want = torch.zeros(E, I_MOE, dtype=torch.float64)
+        for e in range(E):
+            w = lambda n: stored[f"model.layers.{i}.mlp.experts.{e}.{n}.weight"].double()  # noqa: E731
+            xe = x[(routed == e).any(-1)]
+            want[e] = (torch.nn.functional.silu(xe @ w("gate_proj").T) * (xe @ w("up_proj").T)).abs().sum(0) / calib.ids.numel()
+        assert got[i][1].shape == (E, I_MOE)
+        assert_close_eps(got[i][1], want, 2**6, torch.float64, f"layer {i} expert channel activations:")
+    prune(base, tmp_path / "b", 0.5, importance="activation", calibration=calib_file, calibration_samples=5,
+          calibration_seq_len=24, show_progress=False)  # fmt: skip
+    from loramkit.bundle.validate import validate
+
+    assert validate(tmp_path / "b") == ([], [])

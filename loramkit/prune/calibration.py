@@ -58,7 +58,8 @@ DEFINITIONS = {  # recorded in the manifest as pruning.importance_definition
     "taylor": TAYLOR_DEFINITION,
     "activation": (
         "Minitron activation: KV group = sum over its query heads of the mean over calibration tokens of the "
-        "L2 norm of the head's attention output (o_proj input); channel = mean |act(gate) * up| (down_proj input)"
+        "L2 norm of the head's attention output (o_proj input); channel = mean |act(gate) * up| (down_proj input; "
+        "an expert's channel: summed over the tokens routed to the expert, over all tokens)"
     ),
 }
 
@@ -599,18 +600,28 @@ def _activation(
             yield
             return
         head = torch.zeros(arch.num_attention_heads, dtype=torch.float64, device=skel.device)
-        chan = torch.zeros(arch.intermediate_size, dtype=torch.float64, device=skel.device)
+        chan = torch.zeros(max(arch.num_experts, 1), arch.intermediate_size, dtype=torch.float64, device=skel.device)
 
         def on_o(_m: nn.Module, inp: tuple) -> None:  # o_proj input: (rows, T, H * hd), heads concatenated
             x = inp[0].reshape(*inp[0].shape[:-1], arch.num_attention_heads, arch.head_dim)  # (rows, T, H, hd)
             head.add_(torch.linalg.vector_norm(x.double(), dim=-1).sum(dim=(0, 1)))
 
         def on_down(_m: nn.Module, inp: tuple) -> None:  # down_proj input: act(gate) * up, (rows, T, I)
-            chan.add_(inp[0].double().abs().sum(dim=(0, 1)))
+            chan[0].add_(inp[0].double().abs().sum(dim=(0, 1)))
 
+        def on_experts(m: nn.Module, inp: tuple) -> None:
+            """Each expert's down input, act(gate) * up, over the tokens routed to it (a mixture has no down module)."""
+            x, routed = inp[0], inp[1]  # (tokens, H), (tokens, top_k) expert indices
+            for e in range(arch.num_experts):
+                rows = (routed == e).any(dim=-1)
+                if rows.any():
+                    gate, up = nn.functional.linear(x[rows], m.gate_up_proj[e]).chunk(2, dim=-1)  # (n_e, I) each
+                    chan[e].add_((m.act_fn(gate) * up).double().abs().sum(dim=0))
+
+        down = (arch.family.experts, on_experts) if arch.num_experts else (arch.family.modules["down"], on_down)
         handles = [
             module.get_submodule(arch.family.modules["o"]).register_forward_pre_hook(on_o),
-            module.get_submodule(arch.family.modules["down"]).register_forward_pre_hook(on_down),
+            module.get_submodule(down[0]).register_forward_pre_hook(down[1]),
         ]
         try:
             yield
@@ -620,7 +631,7 @@ def _activation(
         n = calib.ids.numel()
         # A KV group's score sums its G query heads' (rows of o_proj's input are grouped by kv head).
         heads[i] = (head / n).view(arch.num_key_value_heads, arch.group_size).sum(dim=1).cpu()
-        channels[i] = (chan / n).cpu()
+        channels[i] = (chan / n).cpu() if arch.num_experts else (chan[0] / n).cpu()  # a mixture: (E, I), over all n tokens
 
     _forward_sweep(skel, calib, settings, store, upto=max(layers) + 1, keep_from=max(layers) + 1, on_layer=hooks)
     return {i: (heads[i], channels[i]) for i in layers}

@@ -132,8 +132,6 @@ def prune(
 
         calib_record = None
         taylor: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if importance == "activation" and arch.num_experts:
-            raise LoramError("activation importance is not yet available for mixtures of experts; use taylor, magnitude or random")
         if importance in CALIBRATED:
             offload = None if offload_dir is None else Path(offload_dir)
             check_offload_dir(offload)

@@ -1,4 +1,4 @@
-"""The families added after LLaMA/Mistral/Qwen: Gemma 2, Gemma 3 (text) and Phi-3.
+"""The families added after LLaMA/Mistral/Qwen: Gemma 2, Gemma 3 (text), Phi-3 and Qwen3-MoE.
 
 What the parametrized suites (prune, load, recover, merge, quantize, validate) do not say:
 - reference configs: loramkit's parameter count equals transformers' own model built from
@@ -6,7 +6,9 @@ What the parametrized suites (prune, load, recover, merge, quantize, validate) d
 - Phi-3's fused projections against an independent oracle: the same weights split into a
   Mistral model (separate q/k/v and gate/up, same sliding window) compute the same logits,
   and pruning either one keeps the same units for every importance;
-- train -> recover -> merge end to end on each new family, through the CLI.
+- train -> eval -> recover -> eval on the base -> merge end to end on each new family, through the CLI;
+- Qwen3-MoE (experts): bundles, loading, importance per expert channel, LoRA on experts
+  (PEFT target_parameters), recovery, merge, align and 4-bit quantization.
 """
 
 from __future__ import annotations
@@ -158,7 +160,9 @@ def test_train_recover_merge_end_to_end(make_base_dir, tmp_path, case):
     cfg, small = read_adapter(adapter)
     targets = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} if case == "phi3" else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert set(cfg["target_modules"]) == targets
+    assert run(["eval", str(b), "--data", str(data), "--adapter", str(adapter), "--seq-len", "32", "--precision", "fp32"]) == 0
     assert run(["recover", str(adapter), "--bundle", str(b), "--out", str(rec)]) == 0
+    assert run(["eval", str(base), "--data", str(data), "--adapter", str(rec), "--seq-len", "32", "--precision", "fp32"]) == 0
     assert run(["recover", str(adapter), "--bundle", str(b), "--out", str(tmp_path / "r2"), "--merge", "--base", str(base),
                 "--merged-out", str(merged)]) == 0  # fmt: skip
     model = peft_on_base(base, rec)  # strict: no missing or unexpected keys, no warnings
@@ -337,8 +341,10 @@ def test_moe_train_recover_end_to_end_and_4bit(moe, tmp_path):
                 "--seq-len", "32", "--micro-batch", "4", "--lr", "1e-2", "--precision", "fp32"]) == 0  # fmt: skip
     cfg, _ = read_adapter(adapter)
     assert cfg["target_parameters"] and set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert run(["eval", str(b), "--data", str(data), "--adapter", str(adapter), "--seq-len", "32", "--precision", "fp32"]) == 0
     assert run(["recover", str(adapter), "--bundle", str(b), "--out", str(rec)]) == 0
     peft_on_base(moe["base"], rec)
+    assert run(["eval", str(moe["base"]), "--data", str(data), "--adapter", str(rec), "--seq-len", "32", "--precision", "fp32"]) == 0
     q = tmp_path / "q"
     assert run(["quantize", str(b), "--out", str(q)]) == 0
     assert run(["validate", str(q)]) == 0

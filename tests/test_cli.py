@@ -656,3 +656,58 @@ def test_prune_on_a_full_disk_is_one_line_and_leaves_nothing(capsys, base, tmp_p
     rc, out, err = run_cli(capsys, "prune", base, "--out", tmp_path / "bundle", "--ratio", "0.5")
     assert_one_line_error(rc, err, str(tmp_path / "bundle"), "not enough disk space", "bytes")
     assert out == "" and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- issue 13: one line for every failure
+
+
+def test_a_bug_is_one_internal_error_line_and_a_traceback_only_with_debug(capsys, monkeypatch, bundle):
+    """Before: an unexpected exception printed its whole traceback."""
+    from loramkit.bundle import manifest
+
+    def bug(m):
+        raise RuntimeError("unexpected\nsecond line")
+
+    monkeypatch.setattr(manifest, "schema_errors", bug)
+    rc, out, err = run_cli(capsys, "inspect", bundle)
+    assert rc == 1 and out == "" and "Traceback" not in err
+    assert err.splitlines() == ["error: internal error: RuntimeError: unexpected (run with --debug for the traceback)"]
+    rc, _, err = run_cli(capsys, "--debug", "inspect", bundle)
+    assert rc == 1 and "Traceback" in err and err.splitlines()[-1].startswith("error: internal error: RuntimeError")
+    monkeypatch.setenv("LORAMKIT_DEBUG", "1")
+    rc, _, err = run_cli(capsys, "inspect", bundle)
+    assert rc == 1 and "Traceback" in err
+
+
+def test_a_permission_error_is_one_line(capsys, base, tmp_path, monkeypatch):
+    """Before: a traceback (PermissionError); the test simulates it so it also runs as root."""
+    import errno
+
+    from loramkit.bundle import safetensors_io
+
+    def denied(self, *a, **k):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/mnt/readonly/x")
+
+    monkeypatch.setattr(safetensors_io.StreamingWriter, "write", denied)
+    rc, out, err = run_cli(capsys, "prune", base, "--out", tmp_path / "bundle", "--ratio", "0.5")
+    assert_one_line_error(rc, err, "/mnt/readonly/x: permission denied")
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_mid_prune_exits_130_and_leaves_nothing(capsys, base, tmp_path, monkeypatch):
+    """Before: SIGTERM killed the process where it stood, leaving its hidden staging folder."""
+    import signal
+
+    from loramkit.bundle import safetensors_io
+
+    real = safetensors_io.StreamingWriter.write
+
+    def write(self, *a, **k):
+        real(self, *a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(safetensors_io.StreamingWriter, "write", write)
+    rc, out, err = run_cli(capsys, "prune", base, "--out", tmp_path / "bundle", "--ratio", "0.5")
+    assert rc == 130 and err.splitlines() == ["terminated; no output was written"]
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back

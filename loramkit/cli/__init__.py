@@ -1,12 +1,18 @@
 """The ``loramkit`` command: a thin Typer layer that parses, calls the library, and prints.
 
-User errors (:class:`~loramkit.errors.LoramError`) print as one line on stderr with exit
-code 1; usage errors exit 2; anything else is a bug and keeps its traceback.
+Every failure ends with one line on stderr and a non-zero exit: user errors
+(:class:`~loramkit.errors.LoramError`) and system errors (permissions, a full disk) exit 1,
+usage errors 2, an interrupt (Ctrl-C, SIGTERM) 130, and a bug prints
+``error: internal error: ...`` with exit 1. Tracebacks only with ``--debug`` (before the
+command) or ``LORAMKIT_DEBUG=1``.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import traceback
 import warnings
 
 import click
@@ -29,6 +35,17 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,  # help texts say "[default: ...]" literally
 )
+_DEBUG = {"on": False, "terminated": False}  # --debug / LORAMKIT_DEBUG; whether SIGTERM arrived
+
+
+@app.callback()
+def _global(
+    debug: bool = typer.Option(False, "--debug", help="Print tracebacks of errors (also: LORAMKIT_DEBUG=1)."),
+) -> None:
+    """LoRAM: train LoRA on a pruned model, deploy it on the original."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
+
+
 for module in (plan, prune, quantize, inspect, validate, align, train, evaluate, recover, publish, demo):
     module.register(app)
 
@@ -48,23 +65,80 @@ def _quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every staged output is cleaned up on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    _DEBUG["terminated"] = True
+    raise Terminated()
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as the one ``error:`` line (first line of its message)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror[0].lower()}{exc.strerror[1:]}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv``; returns the exit code instead of exiting."""
+    from ..bundle.fsutil import is_disk_full
+
     _quiet_libraries()
+    _DEBUG.update(on=os.environ.get("LORAMKIT_DEBUG", "") not in ("", "0"), terminated=False)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         rv = app(args=argv, prog_name="loramkit", standalone_mode=False)
     except (click.exceptions.Exit, typer.Exit) as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # typer turns Ctrl-C into Exit(130), silently
+            return _interrupted(exc.__cause__)
         return exc.exit_code
     except (click.ClickException, _cx.ClickException) as exc:
         exc.show()
         return exc.exit_code
-    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
-        print("interrupted; no output was written", file=sys.stderr)
-        return 130
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt) as exc:
+        return _interrupted(exc.__cause__ if isinstance(exc.__cause__, KeyboardInterrupt) else exc)
     except LoramError as exc:
+        _traceback()
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # permissions, a full disk, a vanished file: the system's words, one line
+        _traceback()
+        hint = "; free space and re-run" if is_disk_full(exc) else ""
+        print(f"error: {_one_line(exc)}{hint}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: still one line, the traceback on request
+        _traceback()
+        print(f"error: internal error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if rv == 130:  # typer returns Ctrl-C (and our SIGTERM) as 130 without a word
+        return _interrupted(Terminated() if _DEBUG["terminated"] else KeyboardInterrupt())
     return rv if isinstance(rv, int) else 0
+
+
+def _interrupted(exc: BaseException) -> int:
+    if _DEBUG["on"] and exc.__traceback__ is not None:
+        traceback.print_exception(exc)
+    what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+    print(f"{what}; no output was written", file=sys.stderr)
+    return 130
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _traceback() -> None:
+    if _DEBUG["on"]:
+        traceback.print_exc()
 
 
 def main() -> None:

@@ -711,3 +711,59 @@ def test_sigterm_mid_prune_exits_130_and_leaves_nothing(capsys, base, tmp_path, 
     assert rc == 130 and err.splitlines() == ["terminated; no output was written"]
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+
+
+# ---------------------------------------------------------------------------- issue 13: arguments
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["prune", "BASE", "--out", "OUT", "--ratio", "nan"], "--ratio nan is out of range"),
+        (["prune", "BASE", "--out", "OUT", "--ratio", "1"], "--ratio 1.0 is out of range"),
+        (["prune", "BASE", "--out", "OUT", "--ratio", "0.5", "--keep-first", "-1"], "--keep-first -1"),
+        (["prune", "BASE", "--out", "OUT", "--ratio", "0.5", "--calibration-samples", "0"], "--calibration-samples 0"),
+        (["plan", "BASE", "--ratio", "inf"], "--ratio inf is out of range"),
+        (["plan", "BASE", "--ratio", "0.5", "--lora-rank", "0"], "--lora-rank 0"),
+        (["plan", "BASE", "--ratio", "0.5", "--batch", "0"], "--batch 0"),
+        (["eval", "BASE", "--data", "DATA", "--micro-batch", "0"], "--micro-batch 0"),
+        (["eval", "BASE", "--data", "DATA", "--seq-len", "0"], "--seq-len 0"),
+    ],
+)
+def test_numeric_options_out_of_range_are_one_line(capsys, base, tmp_path, args, needle):
+    """Before: NaN ratios and zero batch sizes ran on (tracebacks, or output from nonsense)."""
+    data = tmp_path / "data.txt"
+    data.write_text("some text\n")
+    sub = {"BASE": str(base), "OUT": str(tmp_path / "out"), "DATA": str(data)}
+    rc, out, err = run_cli(capsys, *[sub.get(a, a) for a in args])
+    assert_one_line_error(rc, err, needle)
+    assert out == "" and sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is absent")
+@pytest.mark.parametrize("command", ["prune", "eval"])
+def test_device_cuda_without_cuda_is_one_line(capsys, base, tmp_path, command):
+    data = tmp_path / "data.txt"
+    data.write_text("some text\n")
+    args = (["prune", base, "--out", tmp_path / "out", "--ratio", "0.5"] if command == "prune" else ["eval", base, "--data", data])
+    rc, _, err = run_cli(capsys, *args, "--device", "cuda")
+    assert_one_line_error(rc, err, "CUDA is not available")
+
+
+def test_hub_ids_the_client_rejects_are_one_line(capsys, tmp_path, monkeypatch):
+    """Before: `org/a--b` (our pattern accepts it, huggingface_hub does not) was a traceback."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(capsys, "recover", "org/a--b", "--out", tmp_path / "out")
+    assert_one_line_error(rc, err, "org/a--b", "not a valid Hub repo id")
+
+
+def test_an_unreachable_endpoint_is_not_called_offline(capsys, tmp_path, monkeypatch):
+    """Before: an unreachable --endpoint was reported as 'offline (HF_HUB_OFFLINE=1)' with offline mode unset."""
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    rc, _, err = run_cli(capsys, "recover", "org/name", "--out", tmp_path / "out", "--endpoint", "http://127.0.0.1:9")
+    line = assert_one_line_error(rc, err, "http://127.0.0.1:9 could not be reached")
+    assert "HF_HUB_OFFLINE" not in line

@@ -60,3 +60,39 @@ Precision = Annotated[
     typer.Option(help="auto: bf16 autocast where the device computes bf16 natively (CUDA; CPUs with AVX512-BF16 "
                       "or AMX), else fp32 (fp16-mixed on CUDA without bf16) | bf16-mixed | fp16-mixed | bf16 | fp32."),
 ]  # fmt: skip
+
+
+def check_range(option: str, value: float | None, *, low: float | None = None, high: float | None = None,
+                high_open: bool = False) -> None:  # fmt: skip
+    """Refuse a numeric option that is not finite or lies outside [low, high] (or [low, high)):
+    typer's min/max let NaN through (every comparison with NaN is false).
+
+    Raises:
+        LoramError: one line naming the option, the value and the range.
+    """
+    import math
+
+    from ..errors import LoramError
+
+    if value is None:
+        return
+    bad = not math.isfinite(value) or (low is not None and value < low) or (high is not None and (value >= high if high_open else value > high))
+    if bad:
+        lo = "" if low is None else f">= {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        raise LoramError(f"{option} {value} is out of range: it must be a finite number {' and '.join(x for x in (lo, hi) if x)}".rstrip())
+
+
+def check_device(device: str | None) -> None:
+    """Refuse ``--device cuda...`` where CUDA is not available (one line, not a torch traceback)."""
+    if device is None or not device.startswith("cuda"):
+        return
+    import torch
+
+    from ..errors import LoramError
+
+    if not torch.cuda.is_available():
+        raise LoramError(f"--device {device}: CUDA is not available here; use --device cpu")
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise LoramError(f"--device {device}: no such CUDA device (this machine has {torch.cuda.device_count()})")

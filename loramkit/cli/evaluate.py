@@ -9,7 +9,7 @@ import typer
 
 from ..errors import LoramError
 from ..precision import PrecisionChoice
-from ._common import AsJson, DataFormat, Endpoint, Precision, Token, console, print_json
+from ._common import AsJson, DataFormat, Endpoint, Precision, Token, check_device, check_range, console, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -36,6 +36,9 @@ def register(app: typer.Typer) -> None:
 
         from ..precision import resolve_precision
 
+        check_range("--seq-len", seq_len, low=1)
+        check_range("--micro-batch", micro_batch, low=1)
+        check_device(device)
         prec = resolve_precision(precision.value, device)
         from ..hub.resolve import adapter_dir, model_or_bundle_dir
 

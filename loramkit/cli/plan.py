@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..errors import LoramError
-from ._common import AsJson, Endpoint, QuantType, Token, console, print_json
+from ._common import AsJson, Endpoint, QuantType, Token, check_range, console, print_json
 
 
 def _config(base: str, endpoint: str | None, token: str | None) -> dict:
@@ -66,6 +66,10 @@ def register(app: typer.Typer) -> None:
         """Parameters, storage and training memory of full FT, LoRA, QLoRA, LoRAM and QLoRAM for a model."""
         from ..planner import plan
 
+        check_range("--ratio", ratio, low=0, high=1, high_open=True)
+        for option, value, low in (("--keep-first", keep_first, 0), ("--keep-last", keep_last, 0), ("--lora-rank", lora_rank, 1),
+                                   ("--seq-len", seq_len, 1), ("--batch", batch, 1)):  # fmt: skip
+            check_range(option, value, low=low)
         p = plan(_config(base, endpoint, token), ratio, quant_type=quantize.value, keep_first=keep_first,
                  keep_last=keep_last, lora_rank=lora_rank, seq_len=seq_len, batch=batch)  # fmt: skip
         if as_json:

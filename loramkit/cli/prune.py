@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import LoramError
-from ._common import AsJson, Endpoint, QuantType, Token, console, print_json
+from ._common import AsJson, Endpoint, QuantType, Token, check_device, check_range, console, print_json
 from .inspect import summary
 
 
@@ -60,6 +60,12 @@ def register(app: typer.Typer) -> None:
         from ..prune.pruner import prune
         from ..pipeline import prune_quantized
 
+        check_range("--ratio", ratio, low=0, high=1, high_open=True)
+        check_range("--calibration-samples", calibration_samples, low=1)
+        check_range("--seq-len", seq_len, low=1)
+        check_range("--keep-first", keep_first, low=0)
+        check_range("--keep-last", keep_last, low=0)
+        check_device(device)
         sizes = {}
         for flag, text in (("--max-shard-size", max_shard_size), ("--activation-budget", activation_budget)):
             try:

@@ -80,6 +80,7 @@ def download(ref: HubRef, patterns: list[str] | None, *, endpoint: str | None = 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -92,6 +93,9 @@ def download(ref: HubRef, patterns: list[str] | None, *, endpoint: str | None = 
             ref.repo_id, revision=ref.revision, allow_patterns=patterns, endpoint=ep, token=token,
             local_files_only=offline(),
         )  # fmt: skip
+    except HFValidationError as exc:  # a name our pattern lets through and the client refuses (org/a--b)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoramError(f"{ref}: no such local directory, and not a valid Hub repo id ({first})") from None
     except RevisionNotFoundError:
         raise LoramError(f"{ref}: no revision {ref.revision!r} in {ref.repo_id} on {ep}") from None
     except (RepositoryNotFoundError, GatedRepoError):
@@ -99,7 +103,13 @@ def download(ref: HubRef, patterns: list[str] | None, *, endpoint: str | None = 
             f"{ref}: no such local directory, and no such repo on {ep} (or no access: pass --token or set HF_TOKEN)"
         ) from None
     except LocalEntryNotFoundError:
-        raise LoramError(f"{ref}: not in the local cache and offline (HF_HUB_OFFLINE=1); download it once online") from None
+        if offline():
+            raise LoramError(f"{ref}: not in the local cache and offline (HF_HUB_OFFLINE=1); download it once online") from None
+        # the client says so too when the endpoint cannot be reached: that is what happened here
+        raise LoramError(
+            f"{ref}: no such local directory, and {ep} could not be reached (not in the local cache either); "
+            "check the path, or the network and the endpoint"
+        ) from None
     except transport_errors() as exc:
         raise LoramError(
             f"{ref}: no such local directory, and downloading it from {ep} failed ({type(exc).__name__}); "

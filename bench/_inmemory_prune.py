@@ -26,7 +26,7 @@ pruned = {}
 for d in layers:
     if not d.pruned:
         continue
-    kv, ch = group_scores(arch, d.index, lambda n: state[n].float().square() if n in state else None)
+    kv, ch = group_scores(arch, d.index, state.get, lambda w: w.float().square())  # squared block by block, as prune does
     maps = layer_index_maps(arch, d.index, top_units(kv.sqrt(), d.kv_heads[1]), top_units(ch.sqrt(), d.intermediate[1]), set(state))
     for key in {k.rsplit(":", 1)[0] for k in maps}:
         pruned[key] = slice_tensor(state[key], key, maps)

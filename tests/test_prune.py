@@ -685,7 +685,7 @@ def test_legacy_inv_freq_in_checkpoint_is_not_part_of_the_bundle(tmp_path):
 def _fail_after(monkeypatch, n: int, watch: Path | None = None) -> list:
     """Make the pruner's slicing raise on call n+1; record what ``watch`` held at that moment."""
     calls: list = [0, None]
-    real = pruner_mod.slice_tensor
+    real = pruner_mod._slice_into  # slices into the scratch buffer
 
     def failing(*a, **kw):
         calls[0] += 1
@@ -695,7 +695,7 @@ def _fail_after(monkeypatch, n: int, watch: Path | None = None) -> list:
             raise RuntimeError("injected failure")
         return real(*a, **kw)
 
-    monkeypatch.setattr(pruner_mod, "slice_tensor", failing)
+    monkeypatch.setattr(pruner_mod, "_slice_into", failing)
     return calls
 
 

@@ -10,11 +10,13 @@ The files are standard safetensors: the library reads them back.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,26 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+COPY_CHUNK = 16 << 20  # pieces of untouched tensors: enough to amortise syscalls, small beside a projection
+_PARALLEL_FROM = 1 << 20  # pieces at least this big are hashed on worker threads beside the write
+
+
+@functools.cache
+def _workers() -> ThreadPoolExecutor:
+    """Two threads for sha256 (hashlib and file writes release the GIL on big buffers), so
+    hashing what is read, hashing what is written and writing it share the cores."""
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramkit-sha256")
+
+
+def run_beside(tasks: list[Callable[[], object]], main: Callable[[], object]) -> None:
+    """Run ``tasks`` on the worker threads while ``main`` runs here; return when all are done
+    (so a buffer they read may be reused). Each task's errors are raised here."""
+    futures = [_workers().submit(t) for t in tasks]
+    try:
+        main()
+    finally:
+        for f in futures:
+            f.result()
 
 
 @dataclass(frozen=True)
@@ -125,22 +147,27 @@ class SafetensorsReader:
                 raise BundleError(f"{self.path}: unexpected end of file (truncated while in use?)")
             done += n
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory (no mapping of the file)."""
+    def get(self, name: str, buffer: bytearray | None = None) -> torch.Tensor:
+        """Read one tensor into fresh memory (no mapping of the file), or into the start of
+        ``buffer`` when it is big enough: then the tensor is a view of that scratch buffer,
+        valid until the buffer is next written (no page faults for memory used before)."""
         info = self.tensors[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=DTYPES[info.dtype])
-        buf = bytearray(info.nbytes)
-        self._read_into(memoryview(buf), info.start)
-        return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+        buf = buffer if buffer is not None and len(buffer) >= info.nbytes else bytearray(info.nbytes)
+        self._read_into(memoryview(buf)[: info.nbytes], info.start)
+        count = info.nbytes // nbytes_of(info.dtype, ())
+        return torch.frombuffer(buf, dtype=DTYPES[info.dtype], count=count).reshape(info.shape)
 
-    def chunks(self, name: str, chunk_bytes: int = 64 << 20) -> Iterator[memoryview]:
+    def chunks(self, name: str, chunk_bytes: int = COPY_CHUNK, buffer: bytearray | None = None) -> Iterator[memoryview]:
         """A tensor's raw bytes in pieces, for copying a tensor without holding it whole.
 
-        Each piece is a view of ONE reused buffer: consume it before asking for the next.
+        Each piece is a view of ONE reused buffer (``buffer``'s start when given and at least
+        one chunk long): consume it before asking for the next.
         """
         info = self.tensors[name]
-        buf = memoryview(bytearray(min(chunk_bytes, info.nbytes)))
+        size = min(chunk_bytes, info.nbytes)
+        buf = memoryview(buffer)[:size] if buffer is not None and len(buffer) >= size else memoryview(bytearray(size))
         for start in range(info.start, info.end, len(buf) or 1):
             piece = buf[: min(len(buf), info.end - start)]
             self._read_into(piece, start)
@@ -174,11 +201,18 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(tensor_bytes(t)).hexdigest()
 
 
+def tensor_sha256_beside(t: torch.Tensor) -> Future[str]:
+    """:func:`tensor_sha256` on a worker thread, so the caller computes meanwhile; take the
+    result before ``t``'s memory is reused (a scratch buffer)."""
+    return _workers().submit(tensor_sha256, t)
+
+
 class StreamingWriter:
     """Writes a safetensors file tensor by tensor, in the order the entries were declared.
 
-    The sha256 of the whole file is computed while writing, so a manifest needs no
-    second read. Call :meth:`close` after the last tensor; it checks nothing is missing.
+    The sha256 of the whole file is computed while writing (on a worker thread, beside the
+    write itself), so a manifest needs no second read. Call :meth:`close` after the last
+    tensor; it checks nothing is missing.
     """
 
     def __init__(
@@ -206,9 +240,16 @@ class StreamingWriter:
         self._next = 0
         self.size = 8 + len(blob) + offset
 
-    def _emit(self, data: bytes | memoryview) -> None:
-        self._hash.update(data)
-        self._file.write(data)
+    def _emit(self, data: bytes | memoryview, also: Callable[[memoryview], None] | None = None) -> None:
+        """Write ``data``, hashing it (and passing it to ``also``) beside the write; returns when all are done."""
+        view = memoryview(data)
+        tasks = [functools.partial(self._hash.update, view)] + ([functools.partial(also, view)] if also else [])
+        if view.nbytes < _PARALLEL_FROM:
+            for t in tasks:
+                t()
+            self._file.write(view)
+        else:
+            run_beside(tasks, functools.partial(self._file.write, view))
 
     def _expect(self, name: str, dtype: str | None, shape: tuple[int, ...]) -> None:
         want_name, want_dtype, want_shape = self._order[self._next]
@@ -231,14 +272,20 @@ class StreamingWriter:
             raise RuntimeError(f"{name}: got {got} bytes, {dtype}{list(shape)} needs {nbytes_of(dtype, shape)}")
         self._next += 1
 
-    def copy_from(self, reader: SafetensorsReader, name: str, on_chunk: Callable[[memoryview], None] | None = None) -> None:
-        """Copy a tensor unchanged from ``reader`` in chunks; ``on_chunk`` sees each (for hashing)."""
+    def copy_from(
+        self,
+        reader: SafetensorsReader,
+        name: str,
+        on_chunk: Callable[[memoryview], None] | None = None,
+        buffer: bytearray | None = None,
+    ) -> None:
+        """Copy a tensor unchanged from ``reader`` in chunks (read into ``buffer`` when given);
+        ``on_chunk`` sees each, in order, on a worker thread beside the write (for hashing: it
+        must be done with a piece when it returns)."""
         info = reader.tensors[name]
         self._expect(name, info.dtype, info.shape)
-        for piece in reader.chunks(name):
-            if on_chunk is not None:
-                on_chunk(piece)
-            self._emit(piece)
+        for piece in reader.chunks(name, buffer=buffer):
+            self._emit(piece, on_chunk)
         self._next += 1
 
     def close(self) -> str:

@@ -3,7 +3,10 @@
 Peak memory for ``random`` and ``magnitude`` is about one pruned projection of the base
 (plus its slice): each pruned layer is read twice, once to score its units and once to
 slice, and the second read comes from the page cache. Tensors that are not sliced
-(embeddings, norms, unpruned layers) are copied in 64 MiB chunks. ``taylor`` and ``activation`` first
+(embeddings, norms, unpruned layers) are copied in 16 MiB chunks. Reads land in one reused
+scratch buffer and slices in another (fresh tensor-sized buffers would be page-faulted in
+anew each time), magnitude scores are reduced a few units at a time, and the sha256 of
+inputs and outputs run on worker threads beside the scoring and the writes. ``taylor`` and ``activation`` first
 run the calibration text through the base one decoder layer at a time (see
 :mod:`loramkit.prune.calibration`), then stream the same way.
 """
@@ -11,6 +14,8 @@ run the calibration text through the base one decoder layer at a time (see
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,7 @@ from ..bundle.fsutil import check_out_clear, staged_dir, write_json
 from ..bundle.hashing import config_sha256
 from ..bundle.reader import check_written
 from ..bundle.manifest import INDEX_MAPS_NAME
-from ..bundle.safetensors_io import DTYPE_NAMES, DTYPES, StreamingWriter, nbytes_of, tensor_sha256
+from ..bundle.safetensors_io import COPY_CHUNK, DTYPE_NAMES, DTYPES, StreamingWriter, nbytes_of, tensor_sha256_beside
 from ..bundle.writer import copy_base_files, finalize, new_manifest
 from ..errors import BaseModelError, LoramError, OutputExistsError
 from ..families import ArchSpec
@@ -172,10 +177,15 @@ def prune(
         ckpt.close()
 
 
+def _square(w: torch.Tensor) -> torch.Tensor:
+    return w.float().square()  # not in place: for a float32 base, .float() is the weight itself
+
+
 def _kept_units(
-    ckpt: Checkpoint, arch: ArchSpec, dims: LayerDims, importance: str, seed: int, taylor: dict
+    weight: Callable[[str], torch.Tensor | None], arch: ArchSpec, dims: LayerDims, importance: str, seed: int, taylor: dict
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept KV groups, kept MLP channels) of one pruned layer, ascending."""
+    """(kept KV groups, kept MLP channels) of one pruned layer, ascending; ``weight(name)``
+    reads a tensor of the base (None when absent), each valid until the next call."""
     i, k_kv, k_ch = dims.index, dims.kv_heads[1], dims.intermediate[1]
     E = arch.num_experts  # a mixture of experts: channels kept per expert, (E, k_ch)
     if importance == "random":
@@ -185,14 +195,21 @@ def _kept_units(
         )
     if importance in CALIBRATED:
         kv, ch = taylor[i]
-    else:  # magnitude: L2 norm over the group's weights, one tensor in memory at a time
-        names = set(ckpt.names())
-        squares = lambda n: ckpt.get(n).float().square() if n in names else None  # noqa: E731
-        kv, ch = group_scores(arch, i, squares)
-        kv, ch = kv.sqrt(), (expert_channel_scores(arch, i, squares) if E else ch).sqrt()
+    else:  # magnitude: L2 norm over the group's weights, one tensor in memory at a time, squared block by block
+        kv, ch = group_scores(arch, i, weight, _square)
+        kv, ch = kv.sqrt(), (expert_channel_scores(arch, i, weight, _square) if E else ch).sqrt()
     if E:
         return top_units(kv, k_kv), torch.stack([top_units(row, k_ch) for row in ch])
     return top_units(kv, k_kv), top_units(ch, k_ch)
+
+
+def _slice_into(t: torch.Tensor, name: str, maps: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+    """:func:`slice_tensor` written into ``out`` (a scratch view of the sliced shape)."""
+    dims = [d for d in range(t.dim()) if f"{name}:{d}" in maps]
+    if len(dims) == 1:
+        torch.index_select(t, dims[0], maps[f"{name}:{dims[0]}"], out=out)
+    else:
+        out.copy_(slice_tensor(t, name, maps))
 
 
 def _stream(
@@ -229,8 +246,24 @@ def _stream(
     shards = plan_shards([(n, nbytes_of(dt, shp)) for n, dt, shp in out_entries], max_shard_bytes)
     files = shard_names(len(shards))
     entry_of = {e[0]: e for e in out_entries}
+    sliced = {k.rsplit(":", 1)[0] for k in placeholder}
+    # Scratch: every read (whole pruned tensors, copy chunks) lands in `scratch`, every slice in `sliced_out`.
+    scratch = bytearray(max([COPY_CHUNK] + [ckpt.info(n).nbytes for n in sliced]))
+    sliced_out = bytearray(max([0] + [nbytes_of(*entry_of[n][1:]) for n in sliced]))
+    hashing: dict[str, Future[str]] = {}  # inputs hashed while being scored (a worker thread reads scratch)
+
+    def weight(n: str) -> torch.Tensor | None:
+        """A base tensor for scoring, read into scratch once the previous one's hash is done."""
+        for f in hashing.values():
+            f.result()
+        if n not in tensor_names:
+            return None
+        t = ckpt.reader_of(n).get(n, scratch)
+        hashing[n] = tensor_sha256_beside(t)
+        return t
 
     base_tensors: dict[str, dict[str, Any]] = {}
+    digests: dict[str, str] = {}
     maps: dict[str, torch.Tensor] = {}
     sha: dict[str, str] = {}
     weight_map: dict[str, str] = {}
@@ -242,19 +275,25 @@ def _stream(
             for layer, members in by_layer.items():
                 layer_maps: dict[str, torch.Tensor] = {}
                 if layer >= 0 and layers[layer].pruned:
-                    kv, ch = _kept_units(ckpt, arch, layers[layer], importance, seed, taylor)
+                    hashing.clear()
+                    kv, ch = _kept_units(weight, arch, layers[layer], importance, seed, taylor)
+                    digests = {n: f.result() for n, f in hashing.items()}
                     layer_maps = layer_index_maps(arch, layer, kv, ch, tensor_names)
                     maps |= layer_maps
                 for n in members:
                     info = ckpt.info(n)
                     if any(k.startswith(f"{n}:") for k in layer_maps):
-                        t = ckpt.get(n)
-                        digest = tensor_sha256(t)
-                        writer_of[n].write(n, slice_tensor(t, n, layer_maps))
-                        del t
+                        t = ckpt.reader_of(n).get(n, scratch)
+                        pending = None if n in digests else tensor_sha256_beside(t)
+                        _, dtype, shape = entry_of[n]
+                        piece = torch.frombuffer(sliced_out, dtype=DTYPES[dtype], count=nbytes_of(dtype, shape) // t.element_size())
+                        _slice_into(t, n, layer_maps, piece.view(shape))
+                        digest = digests[n] if pending is None else pending.result()
+                        writer_of[n].write(n, piece.view(shape))
+                        del t, piece
                     else:  # copied as is, in chunks: embeddings never sit whole in memory
                         h = hashlib.sha256()
-                        writer_of[n].copy_from(ckpt.reader_of(n), n, h.update)
+                        writer_of[n].copy_from(ckpt.reader_of(n), n, h.update, buffer=scratch)
                         digest = h.hexdigest()
                     base_tensors[n] = {"dtype": info.dtype, "shape": list(info.shape), "sha256": digest}
                     advance(info.nbytes)

@@ -65,7 +65,12 @@ def created_by() -> str:
 def _validator() -> Any:
     import jsonschema
 
-    return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
+    # JSON Schema calls 1.0 and 1e308 integers; a reader computing shapes and counts cannot:
+    # an integer is a JSON number written without fraction or exponent (a Python int).
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine("integer", lambda _, v: isinstance(v, int) and not isinstance(v, bool))
+    strict = jsonschema.validators.extend(base, type_checker=checker)
+    return strict(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
 
 
 def schema_errors(manifest: dict[str, Any]) -> list[str]:

@@ -70,19 +70,33 @@ class Bundle:
     def layers(self) -> list[LayerDims]:
         return [LayerDims.from_json(d) for d in self.manifest["architecture"]["layers"]]
 
-    @cached_property
-    def index_maps(self) -> dict[str, torch.Tensor]:
+    def raw_index_maps(self) -> dict[str, torch.Tensor]:
+        """The index maps file as stored (hash-verified, not yet checked): for ``validate``."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         p = self.verify_file(self.manifest["index_maps"])
         try:
-            maps = load_file(str(p))
+            return load_file(str(p))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise BundleError(f"{p}: unreadable index maps ({exc})") from None
+
+    @cached_property
+    def index_maps(self) -> dict[str, torch.Tensor]:
+        """The index maps, after the checks ``validate`` applies (one shared implementation):
+        each map well formed (:func:`index_map_problems`) and every layer's maps consistent
+        across its coupled group, in whole heads, with the counts the manifest records."""
+        from .validate import coupled_map_problems
+
+        maps = self.raw_index_maps()
+        where = self.path / self.manifest["index_maps"]
         problem = next(iter(index_map_problems(maps, self.base["tensors"])), None)
+        if problem is None and [d.index for d in self.layers] == list(range(self.arch.num_hidden_layers)):
+            problem = next(iter(coupled_map_problems(self.arch, self.layers, maps, self.base["tensors"])[0]), None)
+        elif problem is None:
+            problem = "architecture.layers does not list every layer once, in order"
         if problem is not None:
-            raise BundleError(f"{p}: {problem}; re-create the bundle")
+            raise BundleError(f"{where}: {problem}; re-create the bundle")
         return maps
 
     @contextmanager

@@ -15,7 +15,7 @@ from .hashing import config_sha256
 from .manifest import CARD_NAME, MANIFEST_NAME, bundle_id
 from . import quantization as qformat
 from .model_dir import INDEX_NAME, Checkpoint
-from .reader import Bundle
+from .reader import Bundle, index_map_problems
 from .safetensors_io import DTYPES, tensor_sha256
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf", ".h5", ".msgpack", ".onnx")  # spec 9.4
@@ -98,6 +98,60 @@ def _quantized_problems(
     return out
 
 
+def coupled_map_problems(
+    arch: ArchSpec, layers: list[LayerDims], maps: dict[str, torch.Tensor], base: dict
+) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """(problems, expected maps): every layer's maps must be what its kept kv heads and channels
+    give across the coupled group (q/k/v/o, gate/up/down), whole heads, counts as the manifest
+    says. Shared by ``validate`` and every reader (``Bundle.index_maps``); call after
+    :func:`~loramkit.bundle.reader.index_map_problems` found nothing.
+    """
+    problems: list[str] = []
+    names = set(base)
+    expected_maps: dict[str, torch.Tensor] = {}
+    G = arch.group_size
+    for d in layers:
+        if d.heads != (arch.num_attention_heads, d.kv_heads[1] * G) or d.kv_heads[0] != arch.num_key_value_heads:
+            problems.append(f"layer {d.index}: head counts break the KV grouping (G={G})")
+            continue
+        if not d.pruned:
+            if (d.kv_heads[1], d.intermediate[1]) != (d.kv_heads[0], d.intermediate[0]):
+                problems.append(f"layer {d.index}: marked unpruned but keeps fewer units")
+            continue
+        k_name = f"{arch.family.module(d.index, 'k')}.weight"
+        k_rows = maps.get(f"{k_name}:0")
+        if k_rows is not None:  # k's own rows; in a fused projection (Phi-3 qkv_proj), its segment's
+            _, _, start, length = next(seg for seg in coupled_slices(arch, d.index)[k_name] if seg[1] == "kv")
+            k_rows = k_rows[(k_rows >= start) & (k_rows < start + length)] - start
+        groups = (k_rows[:: arch.head_dim] // arch.head_dim) if k_rows is not None else torch.arange(d.kv_heads[0])
+        experts = range(arch.num_experts) if arch.num_experts else [None]  # a mixture: each expert its own channels
+        downs = [maps.get(f"{arch.family.module(d.index, 'down', e)}.weight:1") for e in experts]
+        rows = [down if down is not None else torch.arange(d.intermediate[0]) for down in downs]
+        if not (_ascending(groups) and all(_ascending(r) for r in rows)):
+            problems.append(f"layer {d.index}: index maps are not strictly ascending")
+            continue
+        kept = next((len(r) for r in rows if len(r) != d.intermediate[1]), d.intermediate[1])
+        if len(groups) != d.kv_heads[1] or kept != d.intermediate[1]:
+            problems.append(f"layer {d.index}: index maps keep {len(groups)} kv heads / {kept} channels, manifest says {d.kv_heads[1]} / {d.intermediate[1]}")
+            continue
+        channels = torch.stack(rows) if arch.num_experts else rows[0]
+        if k_rows is not None and not torch.equal(k_rows, unit_rows(groups, arch.head_dim)):
+            problems.append(f"layer {d.index}: k rows do not cover whole heads")
+        expected_maps |= layer_index_maps(arch, d.index, groups, channels, names)
+    for key in sorted(set(maps) | set(expected_maps)):
+        got, want = maps.get(key), expected_maps.get(key)
+        if got is None:
+            problems.append(f"index map {key} is missing")
+        elif want is None:
+            problems.append(f"index map {key} is unexpected (no pruned dimension there)")
+        elif got.dtype != torch.int64 or got.dim() != 1:
+            problems.append(f"index map {key} must be a 1-D int64 tensor")
+        elif not torch.equal(got, want):
+            problems.append(f"index map {key} is inconsistent with its coupled group (or not strictly ascending)")
+
+    return problems, expected_maps
+
+
 def validate(path: str | Path) -> tuple[list[str], list[str]]:
     """(problems, warnings) of the bundle at ``path``; sound when ``problems`` is empty.
 
@@ -150,54 +204,12 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
 
     base = m["base"]["tensors"]
     names = set(base)
-    try:
-        maps = b.index_maps  # the readers' own checks (reader.index_map_problems)
-    except BundleError as exc:
-        return problems + [str(exc)], warnings
-    expected_maps: dict[str, torch.Tensor] = {}
-    G = arch.group_size
-    for d in layers:
-        if d.heads != (arch.num_attention_heads, d.kv_heads[1] * G) or d.kv_heads[0] != arch.num_key_value_heads:
-            problems.append(f"layer {d.index}: head counts break the KV grouping (G={G})")
-            continue
-        if not d.pruned:
-            if (d.kv_heads[1], d.intermediate[1]) != (d.kv_heads[0], d.intermediate[0]):
-                problems.append(f"layer {d.index}: marked unpruned but keeps fewer units")
-            continue
-        k_name = f"{arch.family.module(d.index, 'k')}.weight"
-        k_rows = maps.get(f"{k_name}:0")
-        if k_rows is not None:  # k's own rows; in a fused projection (Phi-3 qkv_proj), its segment's
-            _, _, start, length = next(seg for seg in coupled_slices(arch, d.index)[k_name] if seg[1] == "kv")
-            k_rows = k_rows[(k_rows >= start) & (k_rows < start + length)] - start
-        groups = (k_rows[:: arch.head_dim] // arch.head_dim) if k_rows is not None else torch.arange(d.kv_heads[0])
-        experts = range(arch.num_experts) if arch.num_experts else [None]  # a mixture: each expert its own channels
-        downs = [maps.get(f"{arch.family.module(d.index, 'down', e)}.weight:1") for e in experts]
-        rows = [down if down is not None else torch.arange(d.intermediate[0]) for down in downs]
-        if not (_ascending(groups) and all(_ascending(r) for r in rows)):
-            problems.append(f"layer {d.index}: index maps are not strictly ascending")
-            continue
-        kept = next((len(r) for r in rows if len(r) != d.intermediate[1]), d.intermediate[1])
-        if len(groups) != d.kv_heads[1] or kept != d.intermediate[1]:
-            problems.append(f"layer {d.index}: index maps keep {len(groups)} kv heads / {kept} channels, manifest says {d.kv_heads[1]} / {d.intermediate[1]}")
-            continue
-        channels = torch.stack(rows) if arch.num_experts else rows[0]
-        if k_rows is not None and not torch.equal(k_rows, unit_rows(groups, arch.head_dim)):
-            problems.append(f"layer {d.index}: k rows do not cover whole heads")
-        expected_maps |= layer_index_maps(arch, d.index, groups, channels, names)
-    for key in sorted(set(maps) | set(expected_maps)):
-        got, want = maps.get(key), expected_maps.get(key)
-        if got is None:
-            problems.append(f"index map {key} is missing")
-        elif want is None:
-            problems.append(f"index map {key} is unexpected (no pruned dimension there)")
-        elif got.dtype != torch.int64 or got.dim() != 1:
-            problems.append(f"index map {key} must be a 1-D int64 tensor")
-        elif not torch.equal(got, want):
-            problems.append(f"index map {key} is inconsistent with its coupled group (or not strictly ascending)")
-    for key, t in maps.items():
-        tensor, dim = key.rsplit(":", 1)
-        if tensor in base and t.numel() and (t.min() < 0 or t.max() >= base[tensor]["shape"][int(dim)]):
-            problems.append(f"index map {key} points outside {tensor}")
+    maps = b.raw_index_maps()
+    basic = index_map_problems(maps, base)  # the readers' own checks, first: the rest indexes with the maps
+    if basic:
+        return problems + [f"{b.manifest['index_maps']}: {p}" for p in basic], warnings
+    coupled, expected_maps = coupled_map_problems(arch, layers, maps, base)
+    problems += coupled
 
     unchanged_from_base = m.get("alignment") is None  # alignment retrains every weight
     quantized = {f"{mod}.weight": mod for mod in (q["modules"] if q else [])}

@@ -96,6 +96,24 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _is_index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _peft_accepts(config: dict[str, Any], where: Path) -> None:
+    """PEFT's own LoraConfig checks (its __post_init__), as one line."""
+    import dataclasses
+
+    import peft
+
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig) if f.init}
+    try:
+        peft.LoraConfig(**{k: v for k, v in config.items() if k in fields})
+    except Exception as exc:  # PEFT raises ValueError, TypeError, ... for what it refuses
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AdapterError(f"{where}: PEFT refuses {ADAPTER_CONFIG} ({first})") from None
+
+
 def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
     for key in pattern:
@@ -123,7 +141,7 @@ def check_peft_rules(adapter: Adapter) -> None:
     """
     c, where = adapter.config, adapter.path
     r, alpha = c.get("r", 8), c.get("lora_alpha", 8)
-    rank_pattern, alpha_pattern = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
+    rank_pattern, alpha_pattern = (c.get(k) if c.get(k) is not None else {} for k in ("rank_pattern", "alpha_pattern"))
     if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
         raise AdapterError(f"{where}: rank_pattern and alpha_pattern must be objects in {ADAPTER_CONFIG}")
     for name, v in [("r", r), *((f"rank_pattern[{k!r}]", v) for k, v in rank_pattern.items())]:
@@ -132,6 +150,20 @@ def check_peft_rules(adapter: Adapter) -> None:
     for name, v in [("lora_alpha", alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in alpha_pattern.items())]:
         if not _is_number(v):
             raise AdapterError(f"{where}: {name} in {ADAPTER_CONFIG} must be a finite number, not {v!r}")
+    dropout = c.get("lora_dropout", 0.0)
+    if not (_is_number(dropout) and 0 <= dropout < 1):
+        raise AdapterError(f"{where}: lora_dropout in {ADAPTER_CONFIG} must be a number in [0, 1), not {dropout!r}")
+    if c.get("modules_to_save"):
+        raise AdapterError(f"{where}: modules_to_save adapters are unsupported (full copies of modules); recover needs plain LoRA")
+    if c.get("bias", "none") not in ("none", None):
+        raise AdapterError(f"{where}: bias={c.get('bias')!r} adapters are unsupported; recover needs plain LoRA (bias 'none')")
+    layers = c.get("layers_to_transform")
+    if not (layers is None or _is_index(layers) or (isinstance(layers, list) and all(_is_index(i) for i in layers))):
+        raise AdapterError(f"{where}: layers_to_transform in {ADAPTER_CONFIG} must be a layer index or a list of them, not {layers!r}")
+    pattern = c.get("layers_pattern")
+    if not (pattern is None or isinstance(pattern, str) or (isinstance(pattern, list) and all(isinstance(x, str) for x in pattern))):
+        raise AdapterError(f"{where}: layers_pattern in {ADAPTER_CONFIG} must be a name or a list of names, not {pattern!r}")
+    _peft_accepts(c, where)
     target = c.get("target_modules")
     if not (isinstance(target, str) or (isinstance(target, list) and target and all(isinstance(t, str) for t in target))):
         raise AdapterError(f"{where}: target_modules in {ADAPTER_CONFIG} must be a module name list or a regex, not {target!r}")

@@ -767,3 +767,8 @@ def test_an_unreachable_endpoint_is_not_called_offline(capsys, tmp_path, monkeyp
     rc, _, err = run_cli(capsys, "recover", "org/name", "--out", tmp_path / "out", "--endpoint", "http://127.0.0.1:9")
     line = assert_one_line_error(rc, err, "http://127.0.0.1:9 could not be reached")
     assert "HF_HUB_OFFLINE" not in line
+
+
+def test_publish_to_a_repo_id_the_client_rejects_is_one_line_before_any_work(capsys, bundle):
+    rc, _, err = run_cli(capsys, "publish", bundle, "--repo", "org/a--b")
+    assert_one_line_error(rc, err, "org/a--b", "not a valid Hub repo id")

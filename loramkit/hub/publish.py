@@ -15,7 +15,7 @@ from typing import Any
 from .. import progress
 from ..bundle import Bundle
 from ..bundle.card import CARD_NAME, render
-from ..bundle.fsutil import write_json, write_text
+from ..bundle.fsutil import output_lock, write_json, write_text
 from ..bundle.hashing import sha256_file
 from ..bundle.manifest import MANIFEST_NAME, bundle_id
 from ..errors import BundleError, LoramError
@@ -52,15 +52,21 @@ def publish(
     Re-publishing an unchanged bundle makes no commit.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+    from huggingface_hub.utils import validate_repo_id
 
     from ..bundle.validate import validate
 
+    try:  # before anything: the client's own rules for repo ids (our pattern lets org/a--b through)
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise LoramError(f"{repo_id}: not a valid Hub repo id ({str(exc).strip().splitlines()[0]})") from None
     path = Path(path)
-    problems, _ = validate(path)
-    if problems:
-        raise BundleError(f"{path}: not a sound bundle ({problems[0]}); run `loramkit validate {path}` and fix it first")
-    refresh_card(path, repo_id)
+    with output_lock(path):  # the local side (card, manifest) has one writer at a time
+        problems, _ = validate(path)
+        if problems:
+            raise BundleError(f"{path}: not a sound bundle ({problems[0]}); run `loramkit validate {path}` and fix it first")
+        refresh_card(path, repo_id)
     b = Bundle(path)
     local = [MANIFEST_NAME, *b.manifest["files"]]
     ep = endpoint_of(endpoint)

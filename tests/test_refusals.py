@@ -502,3 +502,40 @@ def rehash(d: Path, rel: str) -> None:
     m = read_manifest(d)
     m["files"][rel] = {"sha256": sha256_file(d / rel), "size": (d / rel).stat().st_size}
     write_manifest(d, m, resign=True)
+
+
+# ---------------------------------------------------------------------------- issue 13: prune writes only what validate and the readers accept
+
+
+def test_prune_refuses_a_base_revision_that_is_not_a_commit(capsys, make_base_dir, tmp_path):
+    """Before: the bundle was written and validate then rejected it (base/revision not a sha)."""
+    line = cli_error(capsys, "prune", make_base_dir(CASE), "--out", tmp_path / "b", "--ratio", "0.5", "--base-revision", "main")
+    assert "--base-revision 'main' is not a commit sha" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_base_with_mixed_dtypes_prunes_into_a_sound_bundle(make_base_dir, tmp_path):
+    """Before: weights.dtype 'mixed' beside base.dtype 'float32', which validate rejects."""
+    from safetensors.torch import load_file, save_file
+
+    base = writable_copy(make_base_dir(CASE), tmp_path / "base")
+    w = load_file(str(base / "model.safetensors"))
+    key = next(n for n in sorted(w) if "layers.0.mlp.up_proj" in n)
+    w[key] = w[key].half()
+    save_file(w, str(base / "model.safetensors"), metadata={"format": "pt"})
+    prune(base, tmp_path / "b", 0.5, show_progress=False)
+    problems, _ = validate(tmp_path / "b")
+    assert problems == []
+    load_pruned_model(tmp_path / "b")
+
+
+def test_prune_refuses_a_base_lacking_a_norm(capsys, make_base_dir, tmp_path):
+    """Before: prune wrote a bundle validate accepted and every reader then refused."""
+    from safetensors.torch import load_file, save_file
+
+    base = writable_copy(make_base_dir(CASE), tmp_path / "base")
+    w = load_file(str(base / "model.safetensors"))
+    del w[next(n for n in sorted(w) if "layers.1.post_attention_layernorm" in n)]
+    save_file(w, str(base / "model.safetensors"), metadata={"format": "pt"})
+    assert "a tensor (a norm?) is missing" in cli_error(capsys, "prune", base, "--out", tmp_path / "b", "--ratio", "0.5")
+    assert not (tmp_path / "b").exists()

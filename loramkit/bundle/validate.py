@@ -247,7 +247,10 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
                         problems.append(f"{n}: not pruned, yet differs from the base tensor it copies")
     if numel != m["parameters"]["pruned"]:
         problems.append(f"parameters.pruned is {m['parameters']['pruned']:,}, the weights hold {numel:,}")
-    if count_parameters(arch, layers) != m["parameters"]["pruned"]:
+    implied = count_parameters(arch, layers)
+    if implied > m["parameters"]["pruned"]:  # a tensor the model needs is absent: the readers refuse to load it
+        problems.append(f"parameters.pruned is {m['parameters']['pruned']:,}, the architecture implies {implied:,}: a tensor (a norm?) is missing")
+    elif implied != m["parameters"]["pruned"]:
         warnings.append("parameters.pruned differs from the count implied by the architecture (extra tensors?)")
     if sum(torch.Size(t["shape"]).numel() for t in base.values()) != m["parameters"]["original"]:
         problems.append("parameters.original does not match base.tensors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -66,6 +67,8 @@ def register(app: typer.Typer) -> None:
         check_range("--keep-first", keep_first, low=0)
         check_range("--keep-last", keep_last, low=0)
         check_device(device)
+        if base_revision is not None and not re.fullmatch(r"[0-9a-f]{40}", base_revision):
+            raise LoramError(f"--base-revision {base_revision!r} is not a commit sha (40 hex digits); the bundle records the exact commit")
         sizes = {}
         for flag, text in (("--max-shard-size", max_shard_size), ("--activation-budget", activation_budget)):
             try:

@@ -62,6 +62,12 @@ def _check_tensors(ckpt: Checkpoint, arch: ArchSpec) -> None:
                 raise BaseModelError(
                     f"{ckpt.path}: {name} is {info.dtype}; prune a 16/32-bit checkpoint (quantize after pruning)"
                 )
+    # Norms, biases, embeddings: fewer parameters than the architecture has means one is missing,
+    # and the bundle would pass validate yet fail to load (the same count validate checks).
+    held = sum(ckpt.info(n).numel for n in names)
+    implied = count_parameters(arch, plan_layers(arch, 0.0, 0, 0)[0])
+    if held < implied:
+        raise BaseModelError(f"{ckpt.path}: holds {held:,} parameters, its config implies {implied:,}; a tensor (a norm?) is missing")
 
 
 def _planned_bytes(ckpt: Checkpoint, layers: list[LayerDims], arch: ArchSpec) -> int:
@@ -317,7 +323,7 @@ def _stream(
     dtypes = {DTYPE_NAMES[DTYPES[ckpt.info(n).dtype]] for n in names}
     return new_manifest(
         base_weights={
-            "dtype": dtype_name,
+            "dtype": dtype_name if len(dtypes) == 1 else "mixed",  # as weights.dtype: validate compares them
             "num_parameters": sum(numel(ckpt.info(n).shape) for n in names),
             "tensors": base_tensors,
         },

@@ -679,6 +679,32 @@ def test_legacy_inv_freq_in_checkpoint_is_not_part_of_the_bundle(tmp_path):
     load_pruned_model(tmp_path / "out")
 
 
+# ============================================================================ blockwise scores
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blockwise_unit_sums_are_the_same_bits(threads):
+    """Squaring and summing a few units at a time (what prune does) gives exactly the sums of the
+    whole-tensor way, for one unit, two, an odd count and many, along rows and columns, and never
+    writes into the weight (a float32 weight's .float() is itself)."""
+    from loramkit.prune.importance import unit_sums
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    try:
+        for shape, dim, units in [((1024, 512), 0, 1024), ((512, 1024), 1, 1024), ((1024, 512), 0, 4), ((512, 1024), 1, 4),
+                                  ((1536, 64), 0, 3), ((64, 1536), 1, 2), ((1024, 1024), 0, 1), ((300,), 0, 3)]:  # fmt: skip
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                w = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+                kept = w.clone()
+                whole = unit_sums(w.float().square(), dim, units)
+                assert torch.equal(unit_sums(w, dim, units, pruner_mod._square), whole), (shape, dim, units, dtype)
+                assert torch.equal(w, kept)
+        assert torch.get_num_threads() == threads  # unit_sums puts the thread count back
+    finally:
+        torch.set_num_threads(before)
+
+
 # ============================================================================ staged output
 
 

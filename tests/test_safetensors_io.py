@@ -368,6 +368,33 @@ def test_writer_copy_from_reader(tmp_path):
         assert _same(back[n], t), n
 
 
+def test_reads_into_a_scratch_buffer_and_hashes_beside_the_writes(tmp_path, monkeypatch):
+    """Scratch reads (get/chunks into a reused buffer) and threaded hashing (every piece, here)
+    give the same tensors, tensor digests and file digest as plain reads and writes."""
+    import loramkit.bundle.safetensors_io as sio
+
+    monkeypatch.setattr(sio, "_PARALLEL_FROM", 1)  # every piece through the worker threads
+    ts = _tensors() | {"h.big": torch.randn(1024, 640, generator=torch.Generator().manual_seed(1))}  # 2.5 MiB
+    src, dst = tmp_path / "src.safetensors", tmp_path / "dst.safetensors"
+    save_file(ts, str(src))
+    order = sorted(ts)
+    scratch = bytearray(max(t.numel() * t.element_size() for t in ts.values()))
+    w = StreamingWriter(dst, [(n, _CODE[ts[n].dtype], tuple(ts[n].shape)) for n in order], {"format": "pt"})
+    with SafetensorsReader(src) as r:
+        for i, n in enumerate(order):
+            got = r.get(n, scratch)
+            assert _same(got, ts[n]) and sio.tensor_sha256_beside(got).result() == tensor_sha256(ts[n]), n
+            if i % 2:
+                w.write(n, got)
+            else:
+                h = hashlib.sha256()
+                w.copy_from(r, n, h.update, buffer=scratch)
+                assert h.hexdigest() == tensor_sha256(ts[n]), n
+    assert w.close() == hashlib.sha256(dst.read_bytes()).hexdigest()
+    back = load_file(str(dst))
+    assert all(_same(back[n], t) for n, t in ts.items())
+
+
 def test_writer_copy_from_refuses_wrong_tensor(tmp_path):
     ts = _tensors()
     src = tmp_path / "src.safetensors"

@@ -355,6 +355,7 @@ def recover_adapter(
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         write_json(tmp / ADAPTER_CONFIG, config)
         (tmp / "README.md").write_text(_card(config, b), encoding="utf-8")
+        check_peft_rules(Adapter.read(tmp))  # what we wrote passes the rules we hold adapters to, before any merge
         if then is not None:
             then(tmp, b)
     return {

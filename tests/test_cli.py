@@ -772,3 +772,19 @@ def test_an_unreachable_endpoint_is_not_called_offline(capsys, tmp_path, monkeyp
 def test_publish_to_a_repo_id_the_client_rejects_is_one_line_before_any_work(capsys, bundle):
     rc, _, err = run_cli(capsys, "publish", bundle, "--repo", "org/a--b")
     assert_one_line_error(rc, err, "org/a--b", "not a valid Hub repo id")
+
+
+def test_a_second_prune_to_the_same_out_is_refused_while_the_first_writes(capsys, base, tmp_path):
+    """Before: two concurrent prunes to one --out both reported success; one result silently replaced the other."""
+    out = tmp_path / "bundle"
+    holder = subprocess.Popen(  # the first writer: holds OUT's lock, as a running prune does
+        [sys.executable, "-c", "import sys; from loramkit.bundle.fsutil import output_lock\n"
+         f"with output_lock({str(out)!r}):\n    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc, _, err = run_cli(capsys, "prune", base, "--out", out, "--ratio", "0.5", "--overwrite")
+        assert_one_line_error(rc, err, "another loramkit process is writing it")
+        assert not out.exists()
+    finally:
+        holder.communicate("")

@@ -599,12 +599,14 @@ def test_recover_merge_with_a_wrong_base_keeps_the_existing_outputs(capsys, adap
     out, merged = tmp_path / "recovered", tmp_path / "merged"
     rc, _, err = run_cli(capsys, "recover", adapter, "--out", out, "--bundle", bundle, "--merge", "--base", base, "--merged-out", merged)
     assert rc == 0, err
+    for d in (out, merged):  # the outputs of an earlier run, told apart from what this one would write
+        (d / "earlier-run.txt").write_text("mine")
     before = (tree_digest(out), tree_digest(merged))
     wrong = make_base_dir("qwen2")
     rc, _, err = run_cli(capsys, "recover", adapter, "--out", out, "--bundle", bundle, "--merge", "--base", wrong,
                          "--merged-out", merged, "--overwrite")  # fmt: skip
     assert_one_line_error(rc, err, str(wrong))
-    assert (tree_digest(out), tree_digest(merged)) == before
+    assert (tree_digest(out), tree_digest(merged)) == before  # before: OUT was replaced, then the merge failed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "recovered"]
 
 

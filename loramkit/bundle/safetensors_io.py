@@ -51,6 +51,10 @@ def _workers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramkit-sha256")
 
 
+if hasattr(os, "register_at_fork"):  # a forked child (a DataLoader worker) has none of the parent's threads
+    os.register_at_fork(after_in_child=_workers.cache_clear)
+
+
 def run_beside(tasks: list[Callable[[], object]], main: Callable[[], object]) -> None:
     """Run ``tasks`` on the worker threads while ``main`` runs here; return when all are done
     (so a buffer they read may be reused). Each task's errors are raised here."""

@@ -292,7 +292,8 @@ def _stream(
                         t = ckpt.reader_of(n).get(n, scratch)
                         pending = None if n in digests else tensor_sha256_beside(t)
                         _, dtype, shape = entry_of[n]
-                        piece = torch.frombuffer(sliced_out, dtype=DTYPES[dtype], count=nbytes_of(dtype, shape) // t.element_size())
+                        count = nbytes_of(dtype, shape) // t.element_size()
+                        piece = torch.frombuffer(sliced_out, dtype=DTYPES[dtype], count=count) if count else torch.empty(0, dtype=t.dtype)
                         _slice_into(t, n, layer_maps, piece.view(shape))
                         digest = digests[n] if pending is None else pending.result()
                         writer_of[n].write(n, piece.view(shape))

@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import machine, measure, peak_rss_of, pyplot  # noqa: E402
+from _measure import machine, peak_rss_of, pyplot  # noqa: E402
+from _measure import measure as measure_child  # noqa: E402
 from streaming import LLAMA_32_1B, write_base  # noqa: E402
 
 from loramkit.demo import _tokenizer, general_texts  # noqa: E402
@@ -124,13 +125,13 @@ def measure(py: str, base: Path, data: Path, bundle: Path, nf4: Path, steps: int
 
     def script(name: str, script_file: str, model: Path, *extra: str) -> None:
         out = work / f"{script_file}{''.join(extra)}.json"
-        m = measure([py, str(ROOT / "bench" / script_file), str(model), str(data), str(steps), str(mb),
+        m = measure_child([py, str(ROOT / "bench" / script_file), str(model), str(data), str(steps), str(mb),
                      str(seq_len), str(out), *extra], env=env)  # fmt: skip
         runs[name] = {"peak_rss": m.rss, "cuda_peak": m.cuda, **json.loads(out.read_text())}
 
     def loramkit_train(name: str, b: Path) -> None:
         adapter = work / f"adapter-{b.name}"
-        m = measure([py, "-m", "loramkit", "train", str(b), "--data", str(data), "--out", str(adapter), *common])
+        m = measure_child([py, "-m", "loramkit", "train", str(b), "--data", str(data), "--out", str(adapter), *common])
         s = json.loads((adapter / "loram_adapter.json").read_text())["training"]["summary"]
         runs[name] = {"peak_rss": m.rss, "cuda_peak": m.cuda, "steps": s["steps"], "tokens": s["tokens"],
                       "seconds": s["seconds"], "tokens_per_second": s["tokens_per_second"], "precision": s["precision"]}  # fmt: skip

@@ -17,7 +17,14 @@ from loramkit.precision import resolve_precision
 from loramkit.train.data import collate, load_examples
 from loramkit.train.loop import pick_device
 
-bundle, data, steps, mb, seq_len, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+bundle, data, steps, mb, seq_len, out = (
+    sys.argv[1],
+    sys.argv[2],
+    int(sys.argv[3]),
+    int(sys.argv[4]),
+    int(sys.argv[5]),
+    sys.argv[6],
+)
 tok = AutoTokenizer.from_pretrained(bundle)
 examples, _ = load_examples(data, tok, seq_len)
 device = pick_device(None, 1)  # CUDA when present, as loramkit train; the same precision rule
@@ -48,4 +55,6 @@ trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[timer],
                   data_collator=lambda b: collate([type(examples[0])(r["input_ids"], r["labels"]) for r in b], tok.pad_token_id or 0))  # fmt: skip
 trainer.train()
 tokens = steps * mb * seq_len
-json.dump({"steps": steps, "tokens": tokens, "seconds": timer.seconds, "tokens_per_second": tokens / timer.seconds}, open(out, "w"))
+json.dump(
+    {"steps": steps, "tokens": tokens, "seconds": timer.seconds, "tokens_per_second": tokens / timer.seconds}, open(out, "w")
+)

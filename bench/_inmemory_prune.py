@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from loramkit.families import ArchSpec
 from loramkit.families.geometry import layer_index_maps, slice_tensor
-from loramkit.prune.importance import group_scores, top_units
 from loramkit.families.pruning_rules import plan_layers
+from loramkit.prune.importance import group_scores, top_units
 
 base, out, ratio = sys.argv[1], sys.argv[2], float(sys.argv[3])
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
@@ -27,7 +27,9 @@ for d in layers:
     if not d.pruned:
         continue
     kv, ch = group_scores(arch, d.index, state.get, lambda w: w.float().square())  # squared block by block, as prune does
-    maps = layer_index_maps(arch, d.index, top_units(kv.sqrt(), d.kv_heads[1]), top_units(ch.sqrt(), d.intermediate[1]), set(state))
+    maps = layer_index_maps(
+        arch, d.index, top_units(kv.sqrt(), d.kv_heads[1]), top_units(ch.sqrt(), d.intermediate[1]), set(state)
+    )
     for key in {k.rsplit(":", 1)[0] for k in maps}:
         pruned[key] = slice_tensor(state[key], key, maps)
 state = {k: pruned.get(k, v).contiguous() for k, v in state.items() if k != "lm_head.weight" or not arch.tie_word_embeddings}

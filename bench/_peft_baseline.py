@@ -30,7 +30,9 @@ if sys.argv[7:] == ["nf4"]:  # QLoRA: bitsandbytes NF4, double quantization, com
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=prec.compute_dtype)  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map=device.type, dtype=prec.compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=quant, device_map=device.type, dtype=prec.compute_dtype
+    )
     for m in model.modules():  # FIELD-NOTES bug A: no AVX512-BF16 repacking
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = False
@@ -44,7 +46,9 @@ plan = BatchPlan(len(examples), mb, 1, 1, 0)
 model.train()
 tokens, t0 = 0, time.perf_counter()
 for step in range(steps):
-    batch = {k: v.to(device) for k, v in collate([examples[i] for i in plan.micro_batches(step, 0)[0]], tok.pad_token_id or 0).items()}
+    batch = {
+        k: v.to(device) for k, v in collate([examples[i] for i in plan.micro_batches(step, 0)[0]], tok.pad_token_id or 0).items()
+    }
     with torch.autocast(device.type, dtype=prec.autocast_dtype or torch.bfloat16, enabled=prec.autocast_dtype is not None):
         loss = model(**batch).loss
     loss.backward()

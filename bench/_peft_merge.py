@@ -1,6 +1,6 @@
 """Baseline for bench/streaming.py: PEFT's merge_and_unload on a fully loaded base, then save_pretrained.
 
-    python bench/_peft_merge.py BASE ADAPTER OUT
+python bench/_peft_merge.py BASE ADAPTER OUT
 """
 
 import sys

@@ -45,8 +45,12 @@ SAMPLES, SEQ_LEN, MICRO_BATCH = 8, 256, 4
 KEEP_FIRST, KEEP_LAST = 4, 2
 
 # Both ways import the model's transformers code (~100 MB of it): the floor does too.
-IMPORTS = "import torch, transformers, transformers.models.llama.modeling_llama, loramkit.prune.calibration, loramkit.prune.taylor"
-CHILD = IMPORTS + """
+IMPORTS = (
+    "import torch, transformers, transformers.models.llama.modeling_llama, loramkit.prune.calibration, loramkit.prune.taylor"
+)
+CHILD = (
+    IMPORTS
+    + """
 import json, sys, time
 from pathlib import Path
 from loramkit.families import ArchSpec
@@ -68,7 +72,9 @@ else:
     settings = EngineSettings(micro_batch=int(micro), budget=int(budget), offload_dir=Path(offload), show_progress=False)
     scores = calibrated_scores(base, arch, layers, calib, "taylor", settings)
 torch.save({"scores": scores, "seconds": time.perf_counter() - t0}, scores_path)
-""" % (KEEP_FIRST, KEEP_LAST)
+"""
+    % (KEEP_FIRST, KEEP_LAST)
+)
 
 
 def layer_bytes(c: dict, rows: int, seq_len: int, elt: int = 4) -> dict[str, int]:
@@ -152,7 +158,19 @@ def main() -> None:
         for way, label, budget in ways:
             out = work / f"scores-{depth}-{len(scores)}.pt"
             rss, seconds = peak_rss_of(
-                [py, "-c", CHILD, way, str(base), str(out), str(SAMPLES), str(SEQ_LEN), str(MICRO_BATCH), str(budget), str(offload)],
+                [
+                    py,
+                    "-c",
+                    CHILD,
+                    way,
+                    str(base),
+                    str(out),
+                    str(SAMPLES),
+                    str(SEQ_LEN),
+                    str(MICRO_BATCH),
+                    str(budget),
+                    str(offload),
+                ],
                 {"PYTHONPATH": str(ROOT)},
             )
             result = torch.load(out)
@@ -238,7 +256,13 @@ def chart(result: dict, path: Path) -> None:
         ax1.plot([r["layers"] for r in rs], [r["above_floor"] / 2**20 for r in rs], label=way, **style)
         ax2.plot([r["layers"] for r in rs], [r["seconds"] for r in rs], label=way, **style)
     bounds = [r for r in result["runs"] if r["way"] == "engine, boundaries on disk"]
-    ax1.plot([r["layers"] for r in bounds], [r["bound"] / 2**20 for r in bounds], linestyle="--", color="tab:red", label="engine bound (disk)")
+    ax1.plot(
+        [r["layers"] for r in bounds],
+        [r["bound"] / 2**20 for r in bounds],
+        linestyle="--",
+        color="tab:red",
+        label="engine bound (disk)",
+    )
     ax1.set_xlabel("decoder layers")
     ax1.set_ylabel("peak RSS above import floor (MiB)")
     ax1.legend()

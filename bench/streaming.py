@@ -103,9 +103,13 @@ def main() -> None:
     repeats: dict[str, list[tuple[int, float]]] = {}
     load = [os.getloadavg()[0]]
     prune_pair = {
-        "prune: loramkit (streaming)": ([py, "-m", "loramkit", "prune", str(base), "--out", str(bundle), "--ratio", str(args.ratio), "--overwrite"], None),
+        "prune: loramkit (streaming)": (
+            [py, "-m", "loramkit", "prune", str(base), "--out", str(bundle), "--ratio", str(args.ratio), "--overwrite"],
+            None,
+        ),
         "prune: load + prune in memory": (
-            [py, str(ROOT / "bench" / "_inmemory_prune.py"), str(base), str(work / "inmemory.safetensors"), str(args.ratio)], env
+            [py, str(ROOT / "bench" / "_inmemory_prune.py"), str(base), str(work / "inmemory.safetensors"), str(args.ratio)],
+            env,
         ),
     }
     for _ in range(args.prune_runs):  # interleaved, so a busy spell on a shared machine hits both
@@ -126,7 +130,9 @@ def main() -> None:
         "import sys; from loramkit.bundle import Bundle; from loramkit.recover.merge import merge_adapter; "
         "merge_adapter(sys.argv[1], sys.argv[2], sys.argv[3], Bundle(sys.argv[4]), overwrite=True)"
     )
-    runs["merge: loramkit (streaming)"] = peak_rss_of([py, "-c", merge_code, str(base), str(recovered), str(work / "merged"), str(bundle)])
+    runs["merge: loramkit (streaming)"] = peak_rss_of(
+        [py, "-c", merge_code, str(base), str(recovered), str(work / "merged"), str(bundle)]
+    )
     runs["merge: PEFT merge_and_unload (in memory)"] = peak_rss_of(
         [py, str(ROOT / "bench" / "_peft_merge.py"), str(base), str(recovered), str(work / "merged-peft")], env
     )

@@ -17,7 +17,6 @@ import sys
 from datetime import date
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,7 +46,9 @@ def main() -> None:
     if not (bundle / "loram.json").exists():
         subprocess.run([py, "-m", "loramkit", "prune", str(base), "--out", str(bundle), "--ratio", str(args.ratio)], check=True)
     if not (nf4 / "loram.json").exists():
-        subprocess.run([py, "-m", "loramkit", "quantize", str(bundle), "--out", str(nf4), "--type", "nf4", "--overwrite"], check=True)
+        subprocess.run(
+            [py, "-m", "loramkit", "quantize", str(bundle), "--out", str(nf4), "--type", "nf4", "--overwrite"], check=True
+        )
 
     floor, _ = peak_rss_of([py, "-c", "import loramkit.train.trainer, loramkit.quant, transformers, peft, bitsandbytes"])
     result = {

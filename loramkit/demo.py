@@ -260,9 +260,13 @@ def run(workdir: Path, *, ratio: float = 0.5, steps: int = 120, precision: str =
     ]  # fmt: skip
     return {
         "rows": [
-            {"model": name, "perplexity": p, "parameter_bytes": b,
-             "train_peak_bytes": r["peak_memory_bytes"] if r else None,
-             "train_tokens_per_second": r["tokens_per_second"] if r else None}
+            {
+                "model": name,
+                "perplexity": p,
+                "parameter_bytes": b,
+                "train_peak_bytes": r["peak_memory_bytes"] if r else None,
+                "train_tokens_per_second": r["tokens_per_second"] if r else None,
+            }
             for name, p, b, r in rows
         ],  # fmt: skip
         "seconds": time.perf_counter() - t0,

@@ -45,6 +45,8 @@ def prune_quantized(
         try:
             prune(base_dir, scratch, ratio, show_progress=show_progress, **prune_kw)
             shard = prune_kw.get("max_shard_size", "2GiB")
-            return quantize_bundle(scratch, out, quant_type, max_shard_size=shard, overwrite=overwrite, show_progress=show_progress)
+            return quantize_bundle(
+                scratch, out, quant_type, max_shard_size=shard, overwrite=overwrite, show_progress=show_progress
+            )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

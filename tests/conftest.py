@@ -33,8 +33,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("LORAMKIT_NATIVE_BF16", "0")
 
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -150,7 +151,6 @@ def _shared_base_dirs_untouched():
             del _BASE_CACHE[key]  # later tests get a freshly built copy
     if changed:
         pytest.fail(
-            "test modified shared base model dir(s) (read-only by contract; copy first): "
-            + ", ".join(map(str, changed)),
+            "test modified shared base model dir(s) (read-only by contract; copy first): " + ", ".join(map(str, changed)),
             pytrace=False,
         )

@@ -366,9 +366,7 @@ def _randomise_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
             p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float32))
 
 
-def tiny_model(
-    case: str, *, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any
-) -> transformers.PreTrainedModel:
+def tiny_model(case: str, *, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
     """Deterministic in-memory model (same weights ``make_base`` saves).
 
     Weights are always drawn in float32 and then cast, so a bf16 model is the
@@ -456,31 +454,88 @@ def make_base(
 # --------------------------------------------------------------------------- data
 
 _SUBJECTS = [
-    "the old farmer", "a young doctor", "my neighbour", "the small cat", "our teacher",
-    "the tall engineer", "a quiet student", "the brave pilot", "her brother", "the busy baker",
-    "a clever fox", "the river guide", "his grandmother", "the new manager", "a lonely sailor",
+    "the old farmer",
+    "a young doctor",
+    "my neighbour",
+    "the small cat",
+    "our teacher",
+    "the tall engineer",
+    "a quiet student",
+    "the brave pilot",
+    "her brother",
+    "the busy baker",
+    "a clever fox",
+    "the river guide",
+    "his grandmother",
+    "the new manager",
+    "a lonely sailor",
 ]
 _VERBS = [
-    "walked to", "painted", "found", "cleaned", "visited", "built", "carried", "opened",
-    "watched", "repaired", "described", "remembered", "followed", "counted", "ordered",
+    "walked to",
+    "painted",
+    "found",
+    "cleaned",
+    "visited",
+    "built",
+    "carried",
+    "opened",
+    "watched",
+    "repaired",
+    "described",
+    "remembered",
+    "followed",
+    "counted",
+    "ordered",
 ]
 _OBJECTS = [
-    "the red barn", "a wooden table", "the city library", "an empty bottle", "the green garden",
-    "a heavy box", "the morning train", "a yellow kite", "the stone bridge", "a warm coat",
-    "the blue window", "a long letter", "the northern market", "a silver spoon", "the quiet lake",
+    "the red barn",
+    "a wooden table",
+    "the city library",
+    "an empty bottle",
+    "the green garden",
+    "a heavy box",
+    "the morning train",
+    "a yellow kite",
+    "the stone bridge",
+    "a warm coat",
+    "the blue window",
+    "a long letter",
+    "the northern market",
+    "a silver spoon",
+    "the quiet lake",
 ]
 _ADVERBS = [
-    "slowly", "quickly", "carefully", "happily", "again", "yesterday", "at noon",
-    "before dinner", "in the rain", "after school", "with a smile", "without a word",
+    "slowly",
+    "quickly",
+    "carefully",
+    "happily",
+    "again",
+    "yesterday",
+    "at noon",
+    "before dinner",
+    "in the rain",
+    "after school",
+    "with a smile",
+    "without a word",
 ]
 _CONNECT = ["because", "although", "while", "so", "and then", "but"]
 _CLAUSES = [
-    "it was cold outside", "the sun was bright", "nobody else was awake", "the road was long",
-    "the bell rang twice", "a dog barked loudly", "the water was calm", "the wind grew stronger",
-    "everyone was hungry", "the lights went out",
+    "it was cold outside",
+    "the sun was bright",
+    "nobody else was awake",
+    "the road was long",
+    "the bell rang twice",
+    "a dog barked loudly",
+    "the water was calm",
+    "the wind grew stronger",
+    "everyone was hungry",
+    "the lights went out",
 ]
 _QUESTIONS = [
-    "Why did {s} go there?", "Where is {o}?", "Who {v} {o}?", "When will {s} come back?",
+    "Why did {s} go there?",
+    "Where is {o}?",
+    "Who {v} {o}?",
+    "When will {s} come back?",
     "How many people saw {o}?",
 ]
 _TEMPLATES = [
@@ -509,8 +564,17 @@ def sample_texts(n: int = 64, seed: int = 0) -> list[str]:
         q = rng.choice(_QUESTIONS).format(s=s, o=o, v=v)
         out.append(
             tpl.format(
-                S=_cap(s), s=s, v=v, o=o, a=a, A=_cap(a), c=c, k=k, K2=_cap(rng.choice(_CLAUSES)),
-                Q=_cap(q), n=rng.choice(["spring", "summer", "autumn", "winter"]),
+                S=_cap(s),
+                s=s,
+                v=v,
+                o=o,
+                a=a,
+                A=_cap(a),
+                c=c,
+                k=k,
+                K2=_cap(rng.choice(_CLAUSES)),
+                Q=_cap(q),
+                n=rng.choice(["spring", "summer", "autumn", "winter"]),
                 y2=str(rng.randint(1950, 2024)),
             )
         )

@@ -85,7 +85,7 @@ import threading
 import traceback
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,7 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _file_entry(sha256: str, size: int, *, lfs: bool, content: bytes | None = None) -> dict[str, Any]:
@@ -200,9 +200,7 @@ class HubServer:
             it stays empty.
     """
 
-    def __init__(
-        self, root: Path, token: str = "hf_test_token", user: str = "tester", lfs_threshold: int = 1_000_000
-    ):
+    def __init__(self, root: Path, token: str = "hf_test_token", user: str = "tester", lfs_threshold: int = 1_000_000):
         self.root = Path(root)
         self.token = token
         self.user = user
@@ -771,9 +769,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- answers
 
-    def _send(
-        self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, content_type: str = _JSON
-    ) -> None:
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, content_type: str = _JSON) -> None:
         self._drain()
         self.send_response(status)
         self.send_header("Content-Type", content_type)

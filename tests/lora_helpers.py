@@ -15,8 +15,9 @@ import contextlib
 import json
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -30,6 +31,8 @@ def targets_of(model_dir: Path) -> list[str]:
     import json
 
     return FUSED_TARGETS if json.loads((Path(model_dir) / "config.json").read_text())["model_type"] == "phi3" else TARGETS
+
+
 # The default LoRAM setup for the 8-layer tiny models: layers 2..6 pruned.
 PRUNE_KW: dict[str, Any] = dict(ratio=0.5, keep_first=2, keep_last=1, importance="random", seed=0)
 LORA_KW: dict[str, Any] = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)

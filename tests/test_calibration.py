@@ -91,7 +91,9 @@ def reference(base: Path, arch: ArchSpec, layers: list[int], ids: torch.Tensor):
     model.eval()
     seen, heads, chans = {}, {}, {}
     last = model.get_submodule(f"{arch.family.layers_prefix}.{arch.num_hidden_layers - 1}")
-    last.register_forward_hook(lambda _m, _i, out: seen.update(h=(out[0] if isinstance(out, tuple) else out).detach()))  # -> None: output kept
+    last.register_forward_hook(
+        lambda _m, _i, out: seen.update(h=(out[0] if isinstance(out, tuple) else out).detach())
+    )  # -> None: output kept
     for i in layers:
         heads[i] = torch.zeros(arch.num_attention_heads, dtype=torch.float64)
         chans[i] = torch.zeros(arch.intermediate_size, dtype=torch.float64)
@@ -103,7 +105,10 @@ def reference(base: Path, arch: ArchSpec, layers: list[int], ids: torch.Tensor):
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     loss.backward()
     params = dict(model.named_parameters())
-    taylor = {i: taylor_group_scores(arch, i, {n: (params[n].detach(), params[n].grad) for n in _scored(arch, params, i)}) for i in layers}
+    taylor = {
+        i: taylor_group_scores(arch, i, {n: (params[n].detach(), params[n].grad) for n in _scored(arch, params, i)})
+        for i in layers
+    }
     return seen["h"], taylor, heads, chans
 
 
@@ -249,7 +254,14 @@ def test_offload_dir_removed_on_interrupt(make_base_dir, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(cal_mod._Skeleton, "run_layer", flaky)
     with pytest.raises(interrupt):
-        calibrated_scores(base, arch, [3], calib, "taylor", EngineSettings(micro_batch=SAMPLES, budget=0, offload_dir=offload, show_progress=False))
+        calibrated_scores(
+            base,
+            arch,
+            [3],
+            calib,
+            "taylor",
+            EngineSettings(micro_batch=SAMPLES, budget=0, offload_dir=offload, show_progress=False),
+        )
     assert list(offload.iterdir()) == []
 
 

@@ -36,7 +36,9 @@ def test_tags_are_read_in_any_yaml_spelling(tmp_path):
     assert tags_of(card) == []  # no card
     card.write_text("# no metadata\n")
     assert tags_of(card) == []
-    card.write_text("---\ntags: [lora, 'loram-bundle-0123456789abcdef']\n---\n# flow style\n")  # a regex on "- " lines missed these
+    card.write_text(
+        "---\ntags: [lora, 'loram-bundle-0123456789abcdef']\n---\n# flow style\n"
+    )  # a regex on "- " lines missed these
     assert tags_of(card) == ["lora", "loram-bundle-0123456789abcdef"]
     card.write_text(compose({"tags": ["a", "b"], "library_name": "peft"}, "# body\n"))
     assert tags_of(card) == ["a", "b"] and card.read_text().endswith("# body\n")

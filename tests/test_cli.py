@@ -74,9 +74,7 @@ def console_command() -> tuple[list[str], dict[str, str]]:
 
 def run_console(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
     cmd, env = console_command()
-    return subprocess.run(
-        [*cmd, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([*cmd, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -565,7 +563,9 @@ def tree_digest(root: Path) -> dict[str, str]:
     """Every file under ``root`` (hidden ones too) -> sha256: an input is intact when this is unchanged."""
     import hashlib
 
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_prune_into_the_parent_of_its_base_is_refused(capsys, base, tmp_path):
@@ -597,7 +597,9 @@ def test_recover_onto_its_own_inputs_is_refused(capsys, adapter, bundle, tmp_pat
 def test_recover_merge_with_a_wrong_base_keeps_the_existing_outputs(capsys, adapter, bundle, base, tmp_path, make_base_dir):
     """Before: `recover --merge --overwrite` with a wrong --base deleted the existing --out first."""
     out, merged = tmp_path / "recovered", tmp_path / "merged"
-    rc, _, err = run_cli(capsys, "recover", adapter, "--out", out, "--bundle", bundle, "--merge", "--base", base, "--merged-out", merged)
+    rc, _, err = run_cli(
+        capsys, "recover", adapter, "--out", out, "--bundle", bundle, "--merge", "--base", base, "--merged-out", merged
+    )
     assert rc == 0, err
     for d in (out, merged):  # the outputs of an earlier run, told apart from what this one would write
         (d / "earlier-run.txt").write_text("mine")
@@ -626,7 +628,19 @@ sys.exit(cli.run(sys.argv[1:]))
 def test_recover_merge_killed_with_sigkill_can_simply_be_run_again(capsys, adapter, bundle, base, tmp_path):
     """Before: after kill -9 of `recover --merge`, the identical command said OUT already exists."""
     out, merged = tmp_path / "recovered", tmp_path / "merged"
-    args = ["recover", str(adapter), "--out", str(out), "--bundle", str(bundle), "--merge", "--base", str(base), "--merged-out", str(merged)]
+    args = [
+        "recover",
+        str(adapter),
+        "--out",
+        str(out),
+        "--bundle",
+        str(bundle),
+        "--merge",
+        "--base",
+        str(base),
+        "--merged-out",
+        str(merged),
+    ]
     killed = subprocess.run([sys.executable, "-c", _KILL_MID_MERGE, *args], capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     assert not out.exists() and not merged.exists()  # neither output; only hidden staging leftovers
@@ -747,7 +761,7 @@ def test_numeric_options_out_of_range_are_one_line(capsys, base, tmp_path, args,
 def test_device_cuda_without_cuda_is_one_line(capsys, base, tmp_path, command):
     data = tmp_path / "data.txt"
     data.write_text("some text\n")
-    args = (["prune", base, "--out", tmp_path / "out", "--ratio", "0.5"] if command == "prune" else ["eval", base, "--data", data])
+    args = ["prune", base, "--out", tmp_path / "out", "--ratio", "0.5"] if command == "prune" else ["eval", base, "--data", data]
     rc, _, err = run_cli(capsys, *args, "--device", "cuda")
     assert_one_line_error(rc, err, "CUDA is not available")
 

@@ -113,8 +113,14 @@ def test_text_shorter_than_one_block_is_kept_unpadded(tmp_path, tok):
 
 
 def test_jsonl_text_packs_like_text_and_skips_rows_without_text(tmp_path, tok):
-    rows = [{"text": DOCS[0]}, {"text": DOCS[1], "meta": 1}, {"title": "no text"}, {"text": DOCS[2]}, {"text": ""},
-            {"text": DOCS[3]}]
+    rows = [
+        {"text": DOCS[0]},
+        {"text": DOCS[1], "meta": 1},
+        {"title": "no text"},
+        {"text": DOCS[2]},
+        {"text": ""},
+        {"text": DOCS[3]},
+    ]
     jsonl = write_jsonl(tmp_path / "docs.jsonl", rows)
     txt = tmp_path / "docs.txt"
     txt.write_text("\n\n".join(DOCS))
@@ -128,8 +134,11 @@ def test_jsonl_text_packs_like_text_and_skips_rows_without_text(tmp_path, tok):
 # --------------------------------------------------------------------------- instructions
 
 INSTRUCTIONS = [
-    {"instruction": "Who painted the red barn?", "input": "The old farmer painted the red barn.",
-     "output": "The old farmer did."},
+    {
+        "instruction": "Who painted the red barn?",
+        "input": "The old farmer painted the red barn.",
+        "output": "The old farmer did.",
+    },
     {"instruction": "Describe the quiet lake.", "output": "The water was calm and the sun was bright."},
     {"instruction": "Repeat the word.", "input": "", "output": "again"},  # empty input = no input
     {"instruction": "Count to three.", "input": None, "output": "1 2 3"},
@@ -185,8 +194,14 @@ def test_instructions_without_chat_template_use_alpaca_layout(tmp_path, plain_to
 
 
 def test_instruction_rows_missing_fields_are_skipped_and_counted(tmp_path, tok):
-    rows = [INSTRUCTIONS[0], {"instruction": "no output"}, {"output": "no instruction"},
-            {"instruction": "x", "output": 5}, {"instruction": "x", "input": ["list"], "output": "y"}, INSTRUCTIONS[1]]
+    rows = [
+        INSTRUCTIONS[0],
+        {"instruction": "no output"},
+        {"output": "no instruction"},
+        {"instruction": "x", "output": 5},
+        {"instruction": "x", "input": ["list"], "output": "y"},
+        INSTRUCTIONS[1],
+    ]
     examples, stats = load_examples_with_stats(write_jsonl(tmp_path / "sft.jsonl", rows), tok, 256)
     assert stats.fmt == "instructions"
     assert len(examples) == 2 and stats.skipped_rows == 4 and stats.rows == 6
@@ -313,6 +328,7 @@ def test_token_straddling_the_span_start_is_trained(tmp_path):
 
 # --------------------------------------------------------------------------- detection, refusals
 
+
 def test_auto_detection_and_fmt_override(tmp_path, tok):
     txt = tmp_path / "a.txt"
     txt.write_text(json.dumps({"text": DOCS[0]}) + "\n")
@@ -333,7 +349,7 @@ def test_auto_detection_and_fmt_override(tmp_path, tok):
 
     # Forcing a format.
     forced, fmt = load_examples(txt, tok, 16, fmt="jsonl-text")
-    assert fmt == "jsonl-text" and sum((e.input_ids for e in forced), []) == doc_stream(tok, [DOCS[0]])[:len(forced) * 16]
+    assert fmt == "jsonl-text" and sum((e.input_ids for e in forced), []) == doc_stream(tok, [DOCS[0]])[: len(forced) * 16]
     raw, fmt = load_examples(docs, tok, 16, fmt="text")
     assert fmt == "text" and tok.decode(raw[0].input_ids).startswith('<s>{"text": ')
     with pytest.raises(LoramError, match="no usable rows"):
@@ -398,6 +414,7 @@ def test_json_line_with_unicode_line_separator_is_one_row(tmp_path, tok):
 
 # --------------------------------------------------------------------------- determinism, digest
 
+
 def test_same_inputs_give_same_examples(tmp_path, tok):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 3)
     first = load_examples(path, tok, 64)
@@ -413,6 +430,7 @@ def test_data_digest_is_sha256_of_bytes(tmp_path):
 
 
 # --------------------------------------------------------------------------- collate
+
 
 @pytest.mark.parametrize("pad_id", [0, PAD_ID, EOS_ID])
 def test_collate_masks_padding_token_by_token(pad_id):
@@ -477,9 +495,11 @@ def test_long_documents_are_encoded_in_pieces_with_the_ids_of_the_whole(tok, mon
         assert all(p[0] in " \n" for p in pieces[1:])
         monkeypatch.setattr(data, "_MAX_PIECE_CHARS", limit)
         stream = [t for piece in data.document_tokens(["short one", doc, "another"], tok) for t in piece]
-        assert stream == list(data.document_tokens(["short one"], tok))[0].tolist() + [
-            t for t in [BOS_ID, *whole, EOS_ID]
-        ] + [BOS_ID, *tok("another", add_special_tokens=False)["input_ids"], EOS_ID]
+        assert stream == list(data.document_tokens(["short one"], tok))[0].tolist() + [t for t in [BOS_ID, *whole, EOS_ID]] + [
+            BOS_ID,
+            *tok("another", add_special_tokens=False)["input_ids"],
+            EOS_ID,
+        ]
     assert list(data.text_pieces("x" * 10, 4)) == ["xxxx", "xxxx", "xx"]  # no whitespace: hard cuts
 
 

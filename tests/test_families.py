@@ -99,7 +99,11 @@ def _phi3_as_mistral(phi3_dir: Path, out: Path) -> Path:
     keep = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
             "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "sliding_window",
             "tie_word_embeddings", "bos_token_id", "eos_token_id", "initializer_range", "torch_dtype")  # fmt: skip
-    mistral = {k: cfg[k] for k in keep if k in cfg} | {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": cfg["hidden_act"]}
+    mistral = {k: cfg[k] for k in keep if k in cfg} | {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "hidden_act": cfg["hidden_act"],
+    }
     (out / "config.json").write_text(json.dumps(mistral))
     tiny_tokenizer(out)
     return out
@@ -133,7 +137,9 @@ def test_phi3_keeps_what_its_mistral_split_keeps(phi3_pair, tmp_path, importance
     prune(mistral, tmp_path / "m", 0.5, **kw)
     maps_p = load_file(str(tmp_path / "p" / "kept_indices.safetensors"))
     maps_m = load_file(str(tmp_path / "m" / "kept_indices.safetensors"))
-    assert maps_p and {k for k in maps_p if "o_proj" in k or "down_proj" in k} == {k for k in maps_m if "o_proj" in k or "down_proj" in k}
+    assert maps_p and {k for k in maps_p if "o_proj" in k or "down_proj" in k} == {
+        k for k in maps_m if "o_proj" in k or "down_proj" in k
+    }
     for key, kept in maps_p.items():
         if key.endswith(":1"):  # o_proj / down_proj columns: the kept groups and channels themselves
             assert torch.equal(kept, maps_m[key]), key
@@ -158,7 +164,11 @@ def test_train_recover_merge_end_to_end(make_base_dir, tmp_path, case):
     assert run(["train", str(b), "--data", str(data), "--out", str(adapter), "--max-steps", "3", "--rank", "4",
                 "--seq-len", "32", "--micro-batch", "4", "--lr", "1e-2", "--precision", "fp32"]) == 0  # fmt: skip
     cfg, small = read_adapter(adapter)
-    targets = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} if case == "phi3" else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    targets = (
+        {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+        if case == "phi3"
+        else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    )
     assert set(cfg["target_modules"]) == targets
     assert run(["eval", str(b), "--data", str(data), "--adapter", str(adapter), "--seq-len", "32", "--precision", "fp32"]) == 0
     assert run(["recover", str(adapter), "--bundle", str(b), "--out", str(rec)]) == 0
@@ -234,7 +244,9 @@ def test_moe_bundle_keeps_each_experts_own_channels(moe):
             score = w("gate_proj").square().sum(1) + w("up_proj").square().sum(1) + w("down_proj").square().sum(0)
             assert gates[e].tolist() == sorted(score.argsort(descending=True)[: I_MOE // 2].tolist())
         assert len({tuple(g.tolist()) for g in gates}) > 1, "every expert keeps its own channels"
-        assert f"model.layers.{i}.mlp.gate.weight" not in {k.rsplit(":", 1)[0] for k in load_file(str(moe["magnitude"] / "kept_indices.safetensors"))}
+        assert f"model.layers.{i}.mlp.gate.weight" not in {
+            k.rsplit(":", 1)[0] for k in load_file(str(moe["magnitude"] / "kept_indices.safetensors"))
+        }
     assert run(["inspect", str(moe["magnitude"])]) == 0
 
 
@@ -291,10 +303,11 @@ def _expert_deltas(model) -> dict[tuple[int, str], torch.Tensor]:
 
 
 def test_moe_recovered_adapter_is_exact_loads_and_merges(moe, tmp_path):
+    from peft import PeftModel
+
+    from loramkit import Bundle
     from loramkit.recover.adapter import recover_adapter
     from loramkit.recover.merge import merge_adapter
-    from loramkit import Bundle
-    from peft import PeftModel
 
     bundle, base = moe["magnitude"], moe["base"]
     adapter = _moe_adapter(bundle, tmp_path / "adapter")
@@ -312,7 +325,10 @@ def test_moe_recovered_adapter_is_exact_loads_and_merges(moe, tmp_path):
             assert torch.equal(delta, want[(layer, param)])
             continue
         if param == "gate_up_proj":  # [E, 2I, H]: each expert's kept gate and up rows
-            kept = [torch.cat([g, I_MOE + u]) for g, u in zip(_expert_maps(bundle, layer, "gate_proj", 0), _expert_maps(bundle, layer, "up_proj", 0))]
+            kept = [
+                torch.cat([g, I_MOE + u])
+                for g, u in zip(_expert_maps(bundle, layer, "gate_proj", 0), _expert_maps(bundle, layer, "up_proj", 0))
+            ]
             dim = 0
         else:  # [E, H, I]: each expert's kept down columns
             kept, dim = _expert_maps(bundle, layer, "down_proj", 1), 1
@@ -344,7 +360,9 @@ def test_moe_train_recover_end_to_end_and_4bit(moe, tmp_path):
     assert run(["eval", str(b), "--data", str(data), "--adapter", str(adapter), "--seq-len", "32", "--precision", "fp32"]) == 0
     assert run(["recover", str(adapter), "--bundle", str(b), "--out", str(rec)]) == 0
     peft_on_base(moe["base"], rec)
-    assert run(["eval", str(moe["base"]), "--data", str(data), "--adapter", str(rec), "--seq-len", "32", "--precision", "fp32"]) == 0
+    assert (
+        run(["eval", str(moe["base"]), "--data", str(data), "--adapter", str(rec), "--seq-len", "32", "--precision", "fp32"]) == 0
+    )
     q = tmp_path / "q"
     assert run(["quantize", str(b), "--out", str(q)]) == 0
     assert run(["validate", str(q)]) == 0
@@ -391,7 +409,9 @@ def test_moe_taylor_scores_each_experts_channels_as_float64_autograd(moe, tmp_pa
     calib = load_calibration(calib_file, base, 256, 5, 24)
     arch = ArchSpec.from_config(json.loads((base / "config.json").read_text()))
     layers = [2, 3, 4, 5, 6]
-    got = calibrated_scores(base, arch, layers, calib, "taylor", EngineSettings(micro_batch=2, dtype=torch.float64, show_progress=False))
+    got = calibrated_scores(
+        base, arch, layers, calib, "taylor", EngineSettings(micro_batch=2, dtype=torch.float64, show_progress=False)
+    )
 
     reference = whole_model_taylor_scores(base, arch, layers, calib)  # the package's whole-model path, float32
     model = _moe_base64(base)
@@ -433,7 +453,9 @@ def test_moe_activation_scores_each_experts_routed_tokens(moe, tmp_path):
     calib = load_calibration(calib_file, base, 256, 5, 24)
     arch = ArchSpec.from_config(json.loads((base / "config.json").read_text()))
     layers = [2, 4, 6]
-    got = calibrated_scores(base, arch, layers, calib, "activation", EngineSettings(micro_batch=2, dtype=torch.float64, show_progress=False))
+    got = calibrated_scores(
+        base, arch, layers, calib, "activation", EngineSettings(micro_batch=2, dtype=torch.float64, show_progress=False)
+    )
 
     stored = load_file(str(base / "model.safetensors"))
     model = _moe_base64(base)

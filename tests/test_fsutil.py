@@ -118,9 +118,16 @@ def test_an_output_overlapping_an_input_is_refused_and_the_input_kept(tmp_path, 
 def test_a_second_writer_of_the_same_output_is_refused_while_the_first_holds_it(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(  # another process holds OUT's lock until we close its stdin
-        [sys.executable, "-c", "import sys; from loramkit.bundle.fsutil import output_lock\n"
-         f"with output_lock({str(out)!r}):\n    print('held', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from loramkit.bundle.fsutil import output_lock\n"
+            f"with output_lock({str(out)!r}):\n    print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(OutputBusyError, match="another loramkit process"), staged_dir(out):

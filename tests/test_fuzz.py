@@ -17,8 +17,9 @@ import json
 import random
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -61,7 +62,9 @@ def adapter(shop, bundle, tmp_path_factory) -> Path:
 
 def tree(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``: an input is intact when this does not change."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def run(capsys, *args: object) -> tuple[int, str, str]:
@@ -212,13 +215,19 @@ def _mutate_header(rng: random.Random, raw: bytes) -> bytes:
     if op < 0.15:  # the length prefix lies
         return struct.pack("<Q", rng.choice([0, n + 1, len(raw), 2**63, 2**64 - 1])) + raw[8:]
     if op < 0.25:  # truncated or garbage
-        return raw[: rng.randrange(0, len(raw))] if rng.random() < 0.5 else raw[:8] + bytes(rng.randrange(256) for _ in range(n)) + body
+        return (
+            raw[: rng.randrange(0, len(raw))]
+            if rng.random() < 0.5
+            else raw[:8] + bytes(rng.randrange(256) for _ in range(n)) + body
+        )
     name = rng.choice([k for k in header if k != "__metadata__"])
     field = rng.choice(["dtype", "shape", "data_offsets"])
     header[name][field] = rng.choice(
-        {"dtype": ["F64", "I8", "BOOL", "F8_E4M3", "U8", "X", 7, None],
-         "shape": [[], [0], [-1, 2], [2**63, 1], [1] * 40, "2", [1.5]],
-         "data_offsets": [[0, 0], [-8, 8], [0, 2**64], [8, 0], [0, len(body) + 64], [1, 2, 3], "0"]}[field]  # fmt: skip
+        {
+            "dtype": ["F64", "I8", "BOOL", "F8_E4M3", "U8", "X", 7, None],
+            "shape": [[], [0], [-1, 2], [2**63, 1], [1] * 40, "2", [1.5]],
+            "data_offsets": [[0, 0], [-8, 8], [0, 2**64], [8, 0], [0, len(body) + 64], [1, 2, 3], "0"],
+        }[field]  # fmt: skip
     )
     text = json.dumps(header).encode()
     return struct.pack("<Q", len(text)) + text + body

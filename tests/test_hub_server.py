@@ -80,9 +80,7 @@ class _Answer:
         self.status, self.headers, self.body = status, headers, body
 
 
-def _raw(
-    hub: HubServer, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
-) -> _Answer:
+def _raw(hub: HubServer, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> _Answer:
     """One request on a fresh connection, below the client (http.client)."""
     conn = http.client.HTTPConnection("127.0.0.1", int(hub.url.rsplit(":", 1)[1]), timeout=5)
     try:

@@ -24,7 +24,6 @@ from loramkit.prune.pruner import prune
 from tests.factory import VOCAB_SIZE, expected_shapes, sample_texts
 from tests.tolerance import assert_close_eps
 
-
 # ============================================================================ helpers
 
 

@@ -16,7 +16,6 @@ import torch
 from loramkit import Bundle
 from loramkit.errors import AdapterError, BaseModelError, OutputExistsError
 from loramkit.recover.merge import merge_adapter
-from tests.tolerance import assert_close_eps
 from tests.lora_helpers import (
     TARGETS,
     LoramShop,
@@ -28,6 +27,7 @@ from tests.lora_helpers import (
     read_adapter,
     shard_of,
 )
+from tests.tolerance import assert_close_eps
 
 COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json", "generation_config.json")
 
@@ -111,7 +111,9 @@ def test_merged_model_equals_peft_on_base(shop, family_case, tmp_path):
 VARIANTS = {
     "rslora": dict(use_rslora=True, lora_alpha=16),
     "patterns": dict(rank_pattern={"q_proj": 8}, alpha_pattern={"down_proj": 32}),
-    "lm_head_and_embeddings": dict(target_modules=[*TARGETS, "lm_head", "embed_tokens"], save_kw={"save_embedding_layers": False}),
+    "lm_head_and_embeddings": dict(
+        target_modules=[*TARGETS, "lm_head", "embed_tokens"], save_kw={"save_embedding_layers": False}
+    ),
 }
 
 

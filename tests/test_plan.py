@@ -161,7 +161,14 @@ def test_kept_units_binary_exact_value_would_also_be_wrong():
 
 @pytest.mark.parametrize(
     "total,ratio,kind",
-    [(1, 0.99, "kv_groups"), (2, 0.99, "kv_groups"), (8, 0.95, "heads"), (3, 0.9, "channels"), (1, 0.5, "channels"), (1, 0.5, "heads")],
+    [
+        (1, 0.99, "kv_groups"),
+        (2, 0.99, "kv_groups"),
+        (8, 0.95, "heads"),
+        (3, 0.9, "channels"),
+        (1, 0.5, "channels"),
+        (1, 0.5, "heads"),
+    ],
 )
 def test_kept_units_never_below_one(total, ratio, kind):
     assert kept_units(total, exact_ratio(ratio), kind) == 1

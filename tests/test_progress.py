@@ -28,10 +28,14 @@ with open("/dev/null", "w") as sink:
 
 
 def _bars(terminal: bool, before: str = "") -> tuple[bool, bool, bool]:
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "LORAMKIT_NO_PROGRESS", "TTY_COMPATIBLE")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "LORAMKIT_NO_PROGRESS", "TTY_COMPATIBLE")
+    }
     if terminal:
         env["TTY_COMPATIBLE"] = "1"  # rich's switch: stderr counts as a terminal
-    done = subprocess.run([sys.executable, "-c", PROBE.format(before=before)], env=env, capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(before=before)], env=env, capture_output=True, text=True, timeout=120, check=True
+    )
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("bars "))
     shown, loading_off, download_off = (word == "True" for word in line.split()[1:])
     return shown, loading_off, download_off

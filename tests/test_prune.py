@@ -24,7 +24,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import loramkit.prune.pruner as pruner_mod
 from loramkit.errors import LoramError, OutputExistsError
 from loramkit.prune.pruner import prune
-
 from tests.factory import expected_shapes, sample_texts, tiny_model, tiny_tokenizer
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -122,7 +121,13 @@ def kept_sets(maps: dict[str, torch.Tensor], case: str, layer: int) -> tuple[lis
 def check_bundle(bundle: Path, base_dir: Path, case: str) -> dict[str, Any]:
     """Every geometric and bitwise property the spec requires of a fresh (unaligned) bundle."""
     shp = expected_shapes(case)
-    hd, G, H, Hkv, I = shp["head_dim"], shp["group_size"], shp["num_attention_heads"], shp["num_key_value_heads"], shp["intermediate_size"]
+    hd, G, H, Hkv, I = (
+        shp["head_dim"],
+        shp["group_size"],
+        shp["num_attention_heads"],
+        shp["num_key_value_heads"],
+        shp["intermediate_size"],
+    )
     base = read_base(base_dir)
     m, stored, maps = read_bundle(bundle)
 
@@ -406,7 +411,11 @@ def test_magnitude_counts_every_member_of_a_coupled_group(make_base_dir, tmp_pat
     def plant(params):
         t = params[name]
         if block == "kv":
-            rows = slice(target * G * hd, (target + 1) * G * hd) if where.startswith(("q_proj", "o_proj")) else slice(target * hd, (target + 1) * hd)
+            rows = (
+                slice(target * G * hd, (target + 1) * G * hd)
+                if where.startswith(("q_proj", "o_proj"))
+                else slice(target * hd, (target + 1) * hd)
+            )
             if where.startswith("o_proj"):
                 t[:, rows] = big
             else:
@@ -501,8 +510,14 @@ def test_taylor_matches_independent_gradients(make_base_dir, tmp_path, case):
     calib, texts = _calibration(tmp_path, 9)
     n_samples, seq_len = 6, 16  # 6 full blocks of the packed text: two micro-batches (4 + 2)
     m = prune(
-        base, tmp_path / "out", 0.5, importance="taylor", calibration=calib,
-        calibration_samples=n_samples, calibration_seq_len=seq_len, show_progress=False,
+        base,
+        tmp_path / "out",
+        0.5,
+        importance="taylor",
+        calibration=calib,
+        calibration_samples=n_samples,
+        calibration_seq_len=seq_len,
+        show_progress=False,
     )
     check_bundle(tmp_path / "out", base, case)
     layers = m["pruning"]["pruned_layers"]
@@ -680,6 +695,7 @@ def test_legacy_inv_freq_in_checkpoint_is_not_part_of_the_bundle(tmp_path):
 
 
 # ============================================================================ blockwise scores
+
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_blockwise_unit_sums_are_the_same_bits(threads):

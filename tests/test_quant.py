@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -20,11 +21,10 @@ from torch import nn
 from loramkit import Bundle, cli
 from loramkit import load_pruned_model as _load_pruned_model
 from loramkit.bundle import quantization as qformat
-from loramkit.bundle.manifest import bundle_id
+from loramkit.bundle.manifest import bundle_id, bundle_tag
 from loramkit.bundle.validate import validate
 from loramkit.bundle.writer import finalize
 from loramkit.errors import BundleError
-from loramkit.bundle.manifest import bundle_tag
 from loramkit.prune.pruner import prune
 from loramkit.quant import convert, quantize_bundle
 from loramkit.quant._bnb import bnb as _import_bnb
@@ -269,7 +269,10 @@ TAMPERING: dict[str, tuple[Callable[[dict], None], tuple[str, ...]]] = {
     "blocksize": (_blob(lambda s: s.update(blocksize=128)), ("quant_state", "blocksize")),
     "shape": (_blob(lambda s: s.update(shape=[64, 32])), ("quant_state", "shape")),
     "offset": (_blob(lambda s: s.pop("nested_offset")), ("nested_offset",)),
-    "not-json": (lambda t: t.update({f"{W}.quant_state.bitsandbytes__nf4": torch.tensor([1, 2, 3], dtype=torch.uint8)}), ("JSON",)),
+    "not-json": (
+        lambda t: t.update({f"{W}.quant_state.bitsandbytes__nf4": torch.tensor([1, 2, 3], dtype=torch.uint8)}),
+        ("JSON",),
+    ),
     "absmax-length": (lambda t: t.update({f"{W}.absmax": t[f"{W}.absmax"][:-1].clone()}), (f"{W}.absmax", "expected U8")),
     "nested-absmax-nan": (lambda t: t[f"{W}.nested_absmax"].fill_(float("nan")), (f"{W}.nested_absmax", "finite")),
     "quant-map": (lambda t: t.update({f"{W}.quant_map": torch.tensor(qformat.QUANT_MAPS["fp4"])}), ("code table",)),
@@ -400,7 +403,9 @@ def _reference_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torc
     return (code[codes[:n]] * absmax[block]).reshape(shape)
 
 
-@pytest.mark.parametrize("case, kw", [("llama_mha", NF4), ("qwen2", NF4), ("qwen2", FP4)], ids=["llama_mha-nf4", "qwen2-nf4", "qwen2-fp4"])
+@pytest.mark.parametrize(
+    "case, kw", [("llama_mha", NF4), ("qwen2", NF4), ("qwen2", FP4)], ids=["llama_mha-nf4", "qwen2-nf4", "qwen2-fp4"]
+)
 def test_every_4bit_layer_computes_its_stored_weight(shop, case, kw):
     """Each loaded 4-bit Linear == F.linear with the weight spec 7.1 defines from the file's tensors."""
     from safetensors import safe_open
@@ -484,7 +489,11 @@ def test_qlora_training_then_recovery(shop, tmp_path, capsys):
         assert with_grad == trainable
         opt.step()
     assert losses[-1] < losses[0] - 0.5, losses
-    now = {n.removeprefix("base_model.model.").replace(".base_layer", ""): p for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    now = {
+        n.removeprefix("base_model.model.").replace(".base_layer", ""): p
+        for n, p in model.named_parameters()
+        if p.dtype == torch.uint8
+    }
     assert now.keys() == packed.keys() and all(torch.equal(now[n], packed[n]) for n in packed)
 
     adapter = tmp_path / "adapter"

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from loramkit import Bundle
-from loramkit.errors import AdapterError, BundleError, OutputExistsError
 from loramkit.bundle.manifest import bundle_tag
+from loramkit.errors import AdapterError, BundleError, OutputExistsError
 from loramkit.recover.adapter import recover_adapter
 from tests.lora_helpers import (
     ADAPTER_CONFIG,
@@ -211,9 +211,7 @@ def test_config_carries_over_and_names_the_base(shop, variant):
 def test_lm_head_and_embedding_lora_pass_through(shop):
     case = "llama_gqa"
     base, bundle = shop.base(case), shop.bundle(case)
-    adapter = shop.adapter(
-        bundle, target_modules=[*TARGETS, "lm_head", "embed_tokens"], save_kw={"save_embedding_layers": False}
-    )
+    adapter = shop.adapter(bundle, target_modules=[*TARGETS, "lm_head", "embed_tokens"], save_kw={"save_embedding_layers": False})
     _, small = read_adapter(adapter)
     extra = {k for k in small if "lm_head" in k or "embed_tokens" in k}
     assert extra == {
@@ -457,7 +455,10 @@ def test_existing_output_needs_overwrite(shop, tmp_path):
         ({"lora_alpha": float("nan")}, "lora_alpha"),
         ({"r": True}, "positive integer"),
         ({"rank_pattern": {"q_proj": 2}}, "r=2"),
-        ({"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "not_there"]}, "not_there"),
+        (
+            {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "not_there"]},
+            "not_there",
+        ),
         ({"target_modules": ["k_proj"]}, "does not name"),  # tensors for modules the config does not target
     ],
     ids=["rank", "alpha-string", "alpha-nan", "r-bool", "rank-pattern", "target-without-tensors", "tensors-not-targeted"],
@@ -492,7 +493,9 @@ def test_refuses_a_merge_that_overflows(shop, tmp_path):
     _, tensors = read_adapter(recovered)
     tensors = {k: (v * 1e30 if "lora_" in k else v) for k, v in tensors.items()}  # B @ A ~ 1e60: beyond float32
     write_adapter_tensors(recovered, tensors)
-    refused(tmp_path, lambda out: merge_adapter(base, recovered, out, Bundle(bundle), show_progress=False), AdapterError, "non-finite")
+    refused(
+        tmp_path, lambda out: merge_adapter(base, recovered, out, Bundle(bundle), show_progress=False), AdapterError, "non-finite"
+    )
 
 
 @pytest.mark.parametrize("how", ["negative", "duplicate", "unsorted"])

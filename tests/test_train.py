@@ -83,7 +83,19 @@ def test_held_out_metrics_of_the_summary_are_those_of_loramkit_eval(bundle, text
     _, b = bundle
     s = train(b, text_file, tmp_path / "a", _cfg(max_steps=3), eval_data=text_file, show_progress=False)
     capsys.readouterr()
-    argv = ["eval", str(b), "--adapter", str(tmp_path / "a"), "--data", str(text_file), "--seq-len", "32", "--micro-batch", "4", "--json"]
+    argv = [
+        "eval",
+        str(b),
+        "--adapter",
+        str(tmp_path / "a"),
+        "--data",
+        str(text_file),
+        "--seq-len",
+        "32",
+        "--micro-batch",
+        "4",
+        "--json",
+    ]
     assert run(argv) == 0
     e = json.loads(capsys.readouterr().out)
     assert 0 < s["eval_accuracy"] < 1

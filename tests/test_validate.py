@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -459,7 +460,10 @@ def _flag_layer_pruned(m):  # marks a non-eligible layer (0) as pruned, consiste
 
 MANIFEST_EDITS: dict[str, tuple[Callable[[dict], None], list[str]]] = {
     # spec 9.7: pruned flags and pruned_layers agree
-    "pruned_layers-disagree": (lambda m: m["pruning"].update(pruned_layers=m["pruning"]["pruned_layers"][:-1]), ["pruned_layers"]),
+    "pruned_layers-disagree": (
+        lambda m: m["pruning"].update(pruned_layers=m["pruning"]["pruned_layers"][:-1]),
+        ["pruned_layers"],
+    ),
     # spec 9.7 / 4.2: non-eligible layers intact (layer 2 is pruned but keep_first says 3)
     "keep_first-contradicts": (lambda m: m["pruning"].update(keep_first=3), []),
     # spec 9.7 / 4.3: with rounding "paper", kept counts follow from ratio

@@ -24,4 +24,6 @@ def assert_close_eps(got: torch.Tensor, want: torch.Tensor, ulps: float, dtype: 
     tol = eps_tol(want, ulps, dtype)
     err = (got.detach().to(want.dtype) - want.detach()).abs()
     worst = float(err.max()) if err.numel() else 0.0
-    assert worst <= tol, f"{msg} max |got - want| = {worst:.3g} > {tol:.3g} ({ulps} eps at max |want| {float(want.abs().max()):.3g})"
+    assert worst <= tol, (
+        f"{msg} max |got - want| = {worst:.3g} > {tol:.3g} ({ulps} eps at max |want| {float(want.abs().max()):.3g})"
+    )

@@ -67,8 +67,20 @@ COMMON = {
 }
 # Same architecture, same depth; the small sibling is half as wide (0.30x the parameters).
 FAMILY = {
-    "large": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2},
-    "small": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "large": {
+        "hidden_size": 512,
+        "intermediate_size": 1408,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+    },
+    "small": {
+        "hidden_size": 256,
+        "intermediate_size": 704,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
 }
 
 # Layers left whole at each end: LLM-Pruner keeps 4 of LLaMA-7B's 32 at the start and 2 at the end; 1 and 1 of 8 here.
@@ -273,7 +285,9 @@ def build_family(st: Stages, s: Settings, data: Path) -> dict[str, Any]:
         stamp = {"shape": shape, "common": COMMON, "s": [s.seq_len, s.pretrain_steps, s.pretrain_batch, s.pretrain_lr, s.pretrain_warmup],
                  "corpus": _digest(data / "pretrain.txt")}  # fmt: skip
         out[name] = st.once(f"pretrain-{name}", stamp, build)
-        out[name]["general_heldout"] = st.once(f"eval-{name}-general", stamp, lambda n=name: st.eval(st.work / n, data / "general-heldout.txt", s))
+        out[name]["general_heldout"] = st.once(
+            f"eval-{name}-general", stamp, lambda n=name: st.eval(st.work / n, data / "general-heldout.txt", s)
+        )
     return out
 
 
@@ -311,7 +325,18 @@ def publish(st: Stages, s: Settings, data: Path, family_stamp: str) -> dict[str,
                 manifest = json.loads((out / "loram.json").read_text())
                 return {"run": run, "alignment": manifest["alignment"], "parameters": bundles[name]["parameters"]}
 
-            stamp = [family_stamp, ratio, importance, KEEP, s.align_tokens, s.align_lr, s.align_warmup, s.micro_batch, s.seq_len, st.device]
+            stamp = [
+                family_stamp,
+                ratio,
+                importance,
+                KEEP,
+                s.align_tokens,
+                s.align_lr,
+                s.align_warmup,
+                s.micro_batch,
+                s.seq_len,
+                st.device,
+            ]
             bundles[f"{name}-aligned"] = st.once(f"bundle-{name}-aligned", stamp, align)
     q = f"{s.qloram}-aligned"
     bundles[f"{q}-nf4"] = st.once(
@@ -320,7 +345,9 @@ def publish(st: Stages, s: Settings, data: Path, family_stamp: str) -> dict[str,
                  "parameters": bundles[q]["parameters"]},
     )  # fmt: skip
     for name, b in bundles.items():
-        b["bytes"] = sum(f.stat().st_size for f in (w / "bundles" / name).glob("*.safetensors") if f.name != "kept_indices.safetensors")
+        b["bytes"] = sum(
+            f.stat().st_size for f in (w / "bundles" / name).glob("*.safetensors") if f.name != "kept_indices.safetensors"
+        )
         b["untuned"] = st.once(f"eval-bundle-{name}-untuned", [family_stamp, b.get("alignment"), name],
                                lambda n=name: st.eval(w / "bundles" / n, data / "task-heldout.txt", s))  # fmt: skip
     return bundles
@@ -505,7 +532,9 @@ def write_doc(doc: Path, block: str, commands: list[str]) -> None:
         c = re.sub(r"'(\$WORK/[^' ]*)'", r"\1", c)
         key = c.split()[1] + (" --importance " + c.split("--importance ")[1].split()[0] if "--importance" in c else "")
         kinds.setdefault(key + str("--adapter" in c), c)
-    cmds = "\n".join(["", "Commands as run (one of each kind; `$WORK` is the work directory):", "", "```sh", *kinds.values(), "```", ""])
+    cmds = "\n".join(
+        ["", "Commands as run (one of each kind; `$WORK` is the work directory):", "", "```sh", *kinds.values(), "```", ""]
+    )
     head, rest = text.split(start, 1)
     tail = rest.split(end, 1)[1]
     doc.write_text(f"{head}{start}\n{block}{cmds}{end}{tail}")
@@ -539,7 +568,9 @@ def main() -> None:
         shutil.copytree(args.work / "data", work / "data", dirs_exist_ok=True)
     data = work / "data"
     family = build_family(st, s, data)
-    family_stamp = hashlib.sha256(json.dumps([family["large"], family["small"]], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    family_stamp = hashlib.sha256(
+        json.dumps([family["large"], family["small"]], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
     bundles = publish(st, s, data, family_stamp)
     users = {seed: user(st, s, data, seed, bundles, family_stamp) for seed in seeds}
     rows = summarize(family, bundles, users)

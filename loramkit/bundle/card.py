@@ -87,18 +87,20 @@ def render(manifest: dict[str, Any], repo_id: str | None = None) -> str:
         )
     ratio = params["original"] / params["pruned"]
     storage = f"{ratio * 4:.2f}x (parameters / (pruned / 4))" if q else f"{ratio:.2f}x"
-    return compose(metadata, f"""
+    return compose(
+        metadata,
+        f"""
 # LoRAM bundle of `{base}`
 
-A structurally pruned{' and 4-bit quantized' if q else ''} copy of `{base}` for **training LoRA adapters
+A structurally pruned{" and 4-bit quantized" if q else ""} copy of `{base}` for **training LoRA adapters
 with far less memory** (LoRAM, "Train Small, Infer Large", ICLR 2025). Train on this bundle, then
 recover the adapter onto the original model for inference: every original weight is used at
 inference; the pruned weights here serve training only.
 
 | | parameters | weights on disk |
 |---|---|---|
-| original `{base}` | {params['original']:,} | |
-| this bundle | {params['pruned']:,} ({params['pruned'] / params['original']:.1%}) | {_size(weight_bytes)} |
+| original `{base}` | {params["original"]:,} | |
+| this bundle | {params["pruned"]:,} ({params["pruned"] / params["original"]:.1%}) | {_size(weight_bytes)} |
 
 Parameter-storage reduction: {storage}.
 
@@ -121,6 +123,7 @@ from peft import PeftModel
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({_py_str(base)}), "adapter-full")
 ```
 
-Bundle `{manifest.get('bundle_id') or '(id set on write)'}`, format {manifest['format_version']}
+Bundle `{manifest.get("bundle_id") or "(id set on write)"}`, format {manifest["format_version"]}
 (loramkit `specs/bundle-v1.md`); `loramkit validate {here}` checks every file against its sha256.
-""")
+""",
+    )

@@ -73,7 +73,9 @@ def output_lock(out: str | Path) -> Iterator[bool]:
             raise BlockingIOError
     except BlockingIOError:
         os.close(fd)
-        raise OutputBusyError(f"{out}: another loramkit process is writing it right now; wait for it or choose another output") from None
+        raise OutputBusyError(
+            f"{out}: another loramkit process is writing it right now; wait for it or choose another output"
+        ) from None
     _HELD[key] = [fd, 1]
     try:
         yield True
@@ -155,7 +157,9 @@ def staged(
 
 
 @contextmanager
-def _staged(out: Path, overwrite: bool, directory: bool, need: int | None, check: Callable[[Path], None] | None) -> Iterator[Path]:
+def _staged(
+    out: Path, overwrite: bool, directory: bool, need: int | None, check: Callable[[Path], None] | None
+) -> Iterator[Path]:
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -218,7 +222,9 @@ def read_json(path: str | Path, what: str, error: type[Exception]) -> dict[str, 
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
     except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-        raise error(f"{path}: {what} is not valid JSON ({type(exc).__name__ if isinstance(exc, RecursionError) else exc})") from None
+        raise error(
+            f"{path}: {what} is not valid JSON ({type(exc).__name__ if isinstance(exc, RecursionError) else exc})"
+        ) from None
     if not isinstance(data, dict):
         raise error(f"{path}: {what} must be a JSON object")
     return data

@@ -95,9 +95,7 @@ def parse_quant_state(raw: bytes) -> dict[str, Any]:
     return value
 
 
-def quant_state_problems(
-    state: dict[str, Any], shape: tuple[int, int], section: dict[str, Any], storage_dtype: str
-) -> list[str]:
+def quant_state_problems(state: dict[str, Any], shape: tuple[int, int], section: dict[str, Any], storage_dtype: str) -> list[str]:
     """How a module's parsed quant_state disagrees with its logical shape and the manifest."""
     want: dict[str, Any] = {
         "quant_type": section["quant_type"],

@@ -15,10 +15,10 @@ import torch
 from ..errors import BundleError
 from ..families import ArchSpec
 from ..families.geometry import LayerDims
-from .model_dir import TOKENIZER_FILES, Checkpoint
 from .fsutil import read_json
 from .hashing import sha256_file
 from .manifest import load_manifest
+from .model_dir import TOKENIZER_FILES, Checkpoint
 
 
 class Bundle:
@@ -48,7 +48,9 @@ class Bundle:
         if not p.is_file():
             raise BundleError(f"{p}: missing from the bundle; re-create or re-download it")
         if p.stat().st_size != entry["size"] or sha256_file(p) != entry["sha256"]:
-            raise BundleError(f"{p}: does not match its sha256 in the manifest (corrupted or modified); re-create or re-download it")
+            raise BundleError(
+                f"{p}: does not match its sha256 in the manifest (corrupted or modified); re-create or re-download it"
+            )
         self._verified.add(rel)
         return p
 
@@ -144,7 +146,7 @@ def check_written(path: Path) -> None:
     (not a second hash of the weights: finalize just took them). Raises BundleError: a writer
     bug, never shipped as a bundle."""
     b = Bundle(path)
-    b.index_maps
+    _ = b.index_maps  # reading them runs the readers' index-map checks
     with b.weights():
         pass
 

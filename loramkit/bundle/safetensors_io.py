@@ -182,7 +182,7 @@ class SafetensorsReader:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "SafetensorsReader":
+    def __enter__(self) -> SafetensorsReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

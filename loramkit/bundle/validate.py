@@ -7,23 +7,33 @@ from pathlib import Path
 import torch
 
 from .. import progress
-from ..errors import BundleError, LoramError
+from ..errors import LoramError
 from ..families import ArchSpec
 from ..families.geometry import LayerDims, count_parameters, coupled_slices, layer_index_maps, pruned_shape, unit_rows
 from ..families.pruning_rules import IMPORTANCE_KINDS, ROUNDING_RULES, plan_layers
+from . import quantization as qformat
 from .hashing import config_sha256
 from .manifest import CARD_NAME, MANIFEST_NAME, bundle_id
-from . import quantization as qformat
 from .model_dir import INDEX_NAME, Checkpoint
 from .reader import Bundle, index_map_problems
 from .safetensors_io import DTYPES, tensor_sha256
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf", ".h5", ".msgpack", ".onnx")  # spec 9.4
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".pkl",
+    ".pickle",
+    ".gguf",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+)  # spec 9.4
 
 
-def _check_pruning_record(
-    m: dict, arch: ArchSpec, layers: list[LayerDims], problems: list[str], warnings: list[str]
-) -> None:
+def _check_pruning_record(m: dict, arch: ArchSpec, layers: list[LayerDims], problems: list[str], warnings: list[str]) -> None:
     """Per-layer dims must be what the recorded ratio, rounding rule and intact layers give."""
     pr = m["pruning"]
     if pr["importance"] not in IMPORTANCE_KINDS:
@@ -69,7 +79,9 @@ def _quantized_problems(
     for key, (dt, shp) in entries.items():
         info = ckpt.info(key)
         if (info.dtype, info.shape) != (dt, shp):
-            out.append(f"{key}: stored {info.dtype}{list(info.shape)}, expected {dt}{list(shp)} ({q['quant_type']}, blocksize {q['blocksize']})")
+            out.append(
+                f"{key}: stored {info.dtype}{list(info.shape)}, expected {dt}{list(shp)} ({q['quant_type']}, blocksize {q['blocksize']})"
+            )
     info = ckpt.info(blob)
     if info.dtype != "U8" or len(info.shape) != 1 or info.nbytes > 1 << 16:
         out.append(f"{blob}: stored {info.dtype}{list(info.shape)}, expected a U8 vector of JSON")
@@ -132,7 +144,9 @@ def coupled_map_problems(
             continue
         kept = next((len(r) for r in rows if len(r) != d.intermediate[1]), d.intermediate[1])
         if len(groups) != d.kv_heads[1] or kept != d.intermediate[1]:
-            problems.append(f"layer {d.index}: index maps keep {len(groups)} kv heads / {kept} channels, manifest says {d.kv_heads[1]} / {d.intermediate[1]}")
+            problems.append(
+                f"layer {d.index}: index maps keep {len(groups)} kv heads / {kept} channels, manifest says {d.kv_heads[1]} / {d.intermediate[1]}"
+            )
             continue
         channels = torch.stack(rows) if arch.num_experts else rows[0]
         if k_rows is not None and not torch.equal(k_rows, unit_rows(groups, arch.head_dim)):
@@ -198,7 +212,9 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
     if q is None and m["weights"]["dtype"] != m["base"]["dtype"]:
         problems.append(f"weights.dtype is {m['weights']['dtype']}, base.dtype is {m['base']['dtype']}")
     if q is not None and m["weights"]["dtype"] not in qformat.STORAGE_DTYPES:
-        problems.append(f"weights.dtype of a 4-bit bundle must be one of {', '.join(qformat.STORAGE_DTYPES)}, not {m['weights']['dtype']}")
+        problems.append(
+            f"weights.dtype of a 4-bit bundle must be one of {', '.join(qformat.STORAGE_DTYPES)}, not {m['weights']['dtype']}"
+        )
     if m["base"]["num_parameters"] != m["parameters"]["original"]:
         problems.append("base.num_parameters differs from parameters.original")
 
@@ -219,7 +235,9 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
     storage = _SAFETENSORS_CODES.get(m["weights"]["dtype"])
     with b.weights() as ckpt:
         stored = set(ckpt.names())
-        state_keys = {k for w, mod in quantized.items() if w in base for k in qformat.state_keys(mod, q["quant_type"], q["double_quant"])} - set(quantized)
+        state_keys = {
+            k for w, mod in quantized.items() if w in base for k in qformat.state_keys(mod, q["quant_type"], q["double_quant"])
+        } - set(quantized)
         for n in sorted((names | state_keys) - stored):
             problems.append(f"weights lack {n}")
         for n in sorted(stored - names - state_keys):
@@ -249,7 +267,9 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
         problems.append(f"parameters.pruned is {m['parameters']['pruned']:,}, the weights hold {numel:,}")
     implied = count_parameters(arch, layers)
     if implied > m["parameters"]["pruned"]:  # a tensor the model needs is absent: the readers refuse to load it
-        problems.append(f"parameters.pruned is {m['parameters']['pruned']:,}, the architecture implies {implied:,}: a tensor (a norm?) is missing")
+        problems.append(
+            f"parameters.pruned is {m['parameters']['pruned']:,}, the architecture implies {implied:,}: a tensor (a norm?) is missing"
+        )
     elif implied != m["parameters"]["pruned"]:
         warnings.append("parameters.pruned differs from the count implied by the architecture (extra tensors?)")
     if sum(torch.Size(t["shape"]).numel() for t in base.values()) != m["parameters"]["original"]:

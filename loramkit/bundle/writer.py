@@ -6,10 +6,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .model_dir import TOKENIZER_FILES
 from .fsutil import write_json
 from .hashing import sha256_file
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, bundle_id, created_by, now_utc
+from .model_dir import TOKENIZER_FILES
 
 
 def copy_base_files(base_dir: Path, out_dir: Path) -> list[str]:

@@ -112,7 +112,9 @@ def run(argv: list[str] | None = None) -> int:
         return 1
     except Exception as exc:  # a bug: still one line, the traceback on request
         _traceback()
-        print(f"error: internal error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"error: internal error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)", file=sys.stderr
+        )
         return 1
     finally:
         if previous is not None:

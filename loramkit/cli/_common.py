@@ -15,18 +15,18 @@ from rich.console import Console
 console = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
-from typing import Annotated, Optional  # noqa: E402
+from typing import Annotated  # noqa: E402
 
 import typer  # noqa: E402
 
 # Every command that takes a bundle or a model takes a Hub repo id (org/name[@revision]) too.
-Endpoint = Annotated[Optional[str], typer.Option(help="Hub endpoint [default: $HF_ENDPOINT or huggingface.co].")]
-Token = Annotated[Optional[str], typer.Option(help="Hub token [default: $HF_TOKEN or the saved login].")]
+Endpoint = Annotated[str | None, typer.Option(help="Hub endpoint [default: $HF_ENDPOINT or huggingface.co].")]
+Token = Annotated[str | None, typer.Option(help="Hub token [default: $HF_TOKEN or the saved login].")]
 # Options of the long-running commands (train, align), spelled once.
 SaveEvery = Annotated[int, typer.Option(help="Checkpoint to OUT.ckpt/ every N steps (0: never).")]
 KeepCheckpoints = Annotated[bool, typer.Option(help="Keep OUT.ckpt/ after a successful run.")]
 Resume = Annotated[bool, typer.Option(help="Continue from the newest checkpoint in OUT.ckpt/.")]
-Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda when present].")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda when present].")]
 Overwrite = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
 # Every command that ends with a summary prints it as one JSON object on stdout instead.
 AsJson = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout (for scripts).")]
@@ -53,6 +53,7 @@ class DataFormat(str, Enum):
     instructions = "instructions"
     chat = "chat"
 
+
 from ..precision import PrecisionChoice  # noqa: E402
 
 Precision = Annotated[
@@ -76,11 +77,17 @@ def check_range(option: str, value: float | None, *, low: float | None = None, h
 
     if value is None:
         return
-    bad = not math.isfinite(value) or (low is not None and value < low) or (high is not None and (value >= high if high_open else value > high))
+    bad = (
+        not math.isfinite(value)
+        or (low is not None and value < low)
+        or (high is not None and (value >= high if high_open else value > high))
+    )
     if bad:
         lo = "" if low is None else f">= {low:g}"
         hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-        raise LoramError(f"{option} {value} is out of range: it must be a finite number {' and '.join(x for x in (lo, hi) if x)}".rstrip())
+        raise LoramError(
+            f"{option} {value} is out of range: it must be a finite number {' and '.join(x for x in (lo, hi) if x)}".rstrip()
+        )
 
 
 def check_device(device: str | None) -> None:

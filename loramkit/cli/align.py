@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from ..precision import PrecisionChoice
 from ._common import (
-    AsJson, Device, Endpoint, KeepCheckpoints, Overwrite, Precision, Resume, SaveEvery, Token, console, err, print_json,
+    AsJson,
+    Device,
+    Endpoint,
+    KeepCheckpoints,
+    Overwrite,
+    Precision,
+    Resume,
+    SaveEvery,
+    Token,
+    console,
+    err,
+    print_json,
 )
 
 
@@ -18,11 +29,18 @@ def register(app: typer.Typer) -> None:
     @app.command("align")
     def align_cmd(
         bundle: Annotated[str, typer.Argument(help="LoRAM bundle (16-bit) to align: directory or Hub repo id.")],
-        data: Annotated[Path, typer.Option(help="Corpus: a .txt, a .jsonl of {\"text\": ...} rows, or a directory of them.")],
+        data: Annotated[Path, typer.Option(help='Corpus: a .txt, a .jsonl of {"text": ...} rows, or a directory of them.')],
         out: Annotated[Path, typer.Option("--out", "-o", help="Aligned bundle directory to write.")],
-        description: Annotated[str, typer.Option(help="What the corpus is (recorded in the manifest), e.g. 'FineWeb:OpenWebMath 2:1'.")] = "",
-        tokens: Annotated[Optional[int], typer.Option(help="Token budget: steps = ceil(tokens / global batch tokens); without it and --max-steps, one pass over the corpus.")] = None,
-        max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (instead of --tokens).")] = None,
+        description: Annotated[
+            str, typer.Option(help="What the corpus is (recorded in the manifest), e.g. 'FineWeb:OpenWebMath 2:1'.")
+        ] = "",
+        tokens: Annotated[
+            int | None,
+            typer.Option(
+                help="Token budget: steps = ceil(tokens / global batch tokens); without it and --max-steps, one pass over the corpus."
+            ),
+        ] = None,
+        max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (instead of --tokens).")] = None,
         lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule to 0; the paper's 5e-5).")] = 5e-5,
         warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps (the paper's 100).")] = 100,
         weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
@@ -30,17 +48,23 @@ def register(app: typer.Typer) -> None:
         micro_batch: Annotated[int, typer.Option(help="Sequences per forward pass, per process.")] = 4,
         grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step (paper: global batch 128 x 512).")] = 1,
         seq_len: Annotated[int, typer.Option(help="Tokens per sequence (packed blocks).")] = 512,
-        train_lm_head: Annotated[bool, typer.Option(help="Also train lm_head (and a tied input embedding); frozen by default, as in the paper.")] = False,
+        train_lm_head: Annotated[
+            bool, typer.Option(help="Also train lm_head (and a tied input embedding); frozen by default, as in the paper.")
+        ] = False,
         gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
         precision: Precision = PrecisionChoice.auto,
         seed: Annotated[int, typer.Option(min=0, help="Seed for the data order.")] = 0,
-        eval_data: Annotated[Optional[Path], typer.Option(help="Held-out corpus (file or directory).")] = None,
-        eval_split: Annotated[float, typer.Option(help="Without --eval-data, hold out this fraction of the corpus's blocks (at least one).")] = 0.01,
+        eval_data: Annotated[Path | None, typer.Option(help="Held-out corpus (file or directory).")] = None,
+        eval_split: Annotated[
+            float, typer.Option(help="Without --eval-data, hold out this fraction of the corpus's blocks (at least one).")
+        ] = 0.01,
         eval_every: Annotated[int, typer.Option(help="Held-out loss every N steps (0: before and after only).")] = 0,
         save_every: SaveEvery = 0,
         keep_checkpoints: KeepCheckpoints = False,
         resume: Resume = False,
-        fsdp: Annotated[bool, typer.Option(help="Shard the model over the torchrun processes (FSDP) instead of replicating it (DDP).")] = False,
+        fsdp: Annotated[
+            bool, typer.Option(help="Shard the model over the torchrun processes (FSDP) instead of replicating it (DDP).")
+        ] = False,
         log_every: Annotated[int, typer.Option(help="Progress line every N steps when no progress bar shows (0: never).")] = 50,
         device: Device = None,
         overwrite: Overwrite = False,
@@ -60,9 +84,8 @@ def register(app: typer.Typer) -> None:
             fsdp=fsdp, log_every=log_every,
         )  # fmt: skip
         main = int(os.environ.get("RANK", "0")) == 0
-        from ..hub.resolve import bundle_dir
-
         from ..bundle.fsutil import check_out_clear
+        from ..hub.resolve import bundle_dir
 
         path = bundle_dir(bundle, endpoint=endpoint, token=token)
         check_out_clear(out, [path, data, eval_data])

@@ -15,7 +15,9 @@ from ._common import Precision, console, err
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_cmd(
-        workdir: Annotated[Path, typer.Option(help="Where the demo writes its models (the base is cached there).")] = Path("demo-output"),
+        workdir: Annotated[Path, typer.Option(help="Where the demo writes its models (the base is cached there).")] = Path(
+            "demo-output"
+        ),
         ratio: Annotated[float, typer.Option(help="Pruning ratio.")] = 0.5,
         steps: Annotated[int, typer.Option(help="LoRA training steps.")] = 120,
         precision: Precision = PrecisionChoice.auto,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,8 +17,12 @@ def register(app: typer.Typer) -> None:
     def eval_cmd(
         model: Annotated[str, typer.Argument(help="A model directory, a LoRAM bundle, or a Hub repo id of either.")],
         data: Annotated[Path, typer.Option(help=".txt or .jsonl (same formats as train).")],
-        adapter: Annotated[Optional[str], typer.Option(help="A PEFT LoRA adapter (directory or Hub repo id) to apply first.")] = None,
-        seq_len: Annotated[Optional[int], typer.Option(help="Tokens per example [default: 512, or less if the model takes less].")] = None,
+        adapter: Annotated[
+            str | None, typer.Option(help="A PEFT LoRA adapter (directory or Hub repo id) to apply first.")
+        ] = None,
+        seq_len: Annotated[
+            int | None, typer.Option(help="Tokens per example [default: 512, or less if the model takes less].")
+        ] = None,
         micro_batch: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
         data_format: Annotated[DataFormat, typer.Option(help="How --data is read (auto: from the file).")] = DataFormat.auto,
         precision: Precision = PrecisionChoice.auto,
@@ -31,10 +35,9 @@ def register(app: typer.Typer) -> None:
         from transformers import AutoTokenizer
 
         from ..model.loader import load_model
+        from ..precision import resolve_precision
         from ..train.data import load_examples
         from ..train.metrics import evaluate
-
-        from ..precision import resolve_precision
 
         check_range("--seq-len", seq_len, low=1)
         check_range("--micro-batch", micro_batch, low=1)
@@ -61,7 +64,9 @@ def register(app: typer.Typer) -> None:
                 m = peft.PeftModel.from_pretrained(m, adapter_path)
             except (RuntimeError, ValueError) as exc:
                 first = str(exc).strip().splitlines()[0]
-                raise LoramError(f"{adapter}: does not fit {model} ({first}); recover it first if it was trained on a bundle") from None
+                raise LoramError(
+                    f"{adapter}: does not fit {model} ({first}); recover it first if it was trained on a bundle"
+                ) from None
         from ..bundle.reader import tokenizer_source
 
         try:

@@ -95,7 +95,9 @@ def register(app: typer.Typer) -> None:
         head.append(("pruning", f"{pr['strategy']}, {pr['importance']}, ratio {pr['ratio']}, seed {pr['seed']}, "
                      f"keep first {pr['keep_first']} / last {pr['keep_last']}"))  # fmt: skip
         head.append(("parameters", f"{p['original']:,} -> {p['pruned']:,}  ({p['original'] / p['pruned']:.2f}x fewer)"))
-        head.append(("on disk", f"weights {s['bytes']['weights'] / 2**20:,.1f} MiB, total {s['bytes']['total'] / 2**20:,.1f} MiB"))
+        head.append(
+            ("on disk", f"weights {s['bytes']['weights'] / 2**20:,.1f} MiB, total {s['bytes']['total'] / 2**20:,.1f} MiB")
+        )
         for i, line in enumerate(_quantization_lines(s)):
             head.append(("quantization" if i == 0 else "", line))
         head.append(("alignment", "none" if s["alignment"] is None else json.dumps(s["alignment"])))

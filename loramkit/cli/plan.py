@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -43,7 +43,12 @@ def plan_table(p: dict, title: str, actual: tuple[str, int] | None = None) -> Ta
                _gib(m["storage_real"])]  # fmt: skip
         if actual:
             row.append(_gib(actual[1]) if m["method"] == actual[0] else "")
-        row += [f"{m['reduction_real']:.2f}x", f"{m['trainable']:,}", _gib(m["train_memory"]), _gib(m["train_memory_checkpointed"])]
+        row += [
+            f"{m['reduction_real']:.2f}x",
+            f"{m['trainable']:,}",
+            _gib(m["train_memory"]),
+            _gib(m["train_memory_checkpointed"]),
+        ]
         table.add_row(*row)
     return table
 
@@ -51,11 +56,17 @@ def plan_table(p: dict, title: str, actual: tuple[str, int] | None = None) -> Ta
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan_cmd(
-        base: Annotated[str, typer.Argument(help="config.json, a model directory, or a Hub repo id (only config.json is fetched).")],
+        base: Annotated[
+            str, typer.Argument(help="config.json, a model directory, or a Hub repo id (only config.json is fetched).")
+        ],
         ratio: Annotated[float, typer.Option(help="Pruning ratio for LoRAM / QLoRAM.")],
         quantize: Annotated[QuantType, typer.Option(help="4-bit type for QLoRA / QLoRAM.")] = QuantType.nf4,
-        keep_first: Annotated[Optional[int], typer.Option(help="Layers left intact at the start [default: 4, fewer when shallow].")] = None,
-        keep_last: Annotated[Optional[int], typer.Option(help="Layers left intact at the end [default: 2, fewer when shallow].")] = None,
+        keep_first: Annotated[
+            int | None, typer.Option(help="Layers left intact at the start [default: 4, fewer when shallow].")
+        ] = None,
+        keep_last: Annotated[
+            int | None, typer.Option(help="Layers left intact at the end [default: 2, fewer when shallow].")
+        ] = None,
         lora_rank: Annotated[int, typer.Option(help="LoRA rank (all seven projections).")] = 8,
         seq_len: Annotated[int, typer.Option(help="Tokens per sequence, for the activation estimate.")] = 512,
         batch: Annotated[int, typer.Option(help="Sequences per micro-batch, for the activation estimate.")] = 1,
@@ -75,7 +86,9 @@ def register(app: typer.Typer) -> None:
         if as_json:
             return print_json(p)
         pl = p["pruned_layers"]
-        console.print(plan_table(p, f"{base} ({p['architecture']}), ratio {ratio}, layers {pl[0]}-{pl[-1]} pruned" if pl else base))
+        console.print(
+            plan_table(p, f"{base} ({p['architecture']}), ratio {ratio}, layers {pl[0]}-{pl[-1]} pruned" if pl else base)
+        )
         console.print(
             f"4-bit: {quantize.value}, block size 64, double quantization; real bytes count the block constants and the "
             f"16-bit embeddings, lm_head, norms and biases. Training memory is an estimate for batch {batch} x "

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
 import re
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,19 +30,44 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")],
         ratio: Annotated[float, typer.Option(help="Fraction of heads/channels removed per pruned layer, in [0, 1).")],
         importance: Annotated[Importance, typer.Option(help="How units are ranked (see above).")] = Importance.magnitude,
-        calibration: Annotated[Optional[Path], typer.Option(help="Calibration texts for taylor and activation (.txt passages or .jsonl 'text').")] = None,
+        calibration: Annotated[
+            Path | None, typer.Option(help="Calibration texts for taylor and activation (.txt passages or .jsonl 'text').")
+        ] = None,
         calibration_samples: Annotated[int, typer.Option(help="Calibration blocks used, fewer when the file holds less.")] = 128,
-        seq_len: Annotated[Optional[int], typer.Option(help="Tokens per calibration block; the text is packed [default: 512, or the model's max positions when fewer].")] = None,
-        keep_first: Annotated[Optional[int], typer.Option(help="Layers left intact at the start [default: 4, fewer when shallow].")] = None,
-        keep_last: Annotated[Optional[int], typer.Option(help="Layers left intact at the end [default: 2, fewer when shallow].")] = None,
+        seq_len: Annotated[
+            int | None,
+            typer.Option(
+                help="Tokens per calibration block; the text is packed [default: 512, or the model's max positions when fewer]."
+            ),
+        ] = None,
+        keep_first: Annotated[
+            int | None, typer.Option(help="Layers left intact at the start [default: 4, fewer when shallow].")
+        ] = None,
+        keep_last: Annotated[
+            int | None, typer.Option(help="Layers left intact at the end [default: 2, fewer when shallow].")
+        ] = None,
         seed: Annotated[int, typer.Option(min=0, help="Seed for random importance.")] = 0,
-        device: Annotated[str, typer.Option(help="Device of the calibration engine (cpu, cuda, cuda:1 ...): one decoder layer at a time.")] = "cpu",
-        offload_dir: Annotated[Optional[Path], typer.Option(help="Where layer-boundary activations beyond --activation-budget spill (a temporary folder, removed) [default: system temp dir].")] = None,
-        activation_budget: Annotated[str, typer.Option(help="Layer-boundary activations kept in memory before spilling to disk.")] = "4GiB",
+        device: Annotated[
+            str, typer.Option(help="Device of the calibration engine (cpu, cuda, cuda:1 ...): one decoder layer at a time.")
+        ] = "cpu",
+        offload_dir: Annotated[
+            Path | None,
+            typer.Option(
+                help="Where layer-boundary activations beyond --activation-budget spill (a temporary folder, removed) [default: system temp dir]."
+            ),
+        ] = None,
+        activation_budget: Annotated[
+            str, typer.Option(help="Layer-boundary activations kept in memory before spilling to disk.")
+        ] = "4GiB",
         max_shard_size: Annotated[str, typer.Option(help="Shard the pruned weights above this size.")] = "2GiB",
-        base_name: Annotated[Optional[str], typer.Option(help="Base identity to record (e.g. its Hub repo id) [default: its path].")] = None,
-        base_revision: Annotated[Optional[str], typer.Option(help="Base commit to record, when known.")] = None,
-        quantize: Annotated[Optional[QuantType], typer.Option(help="Also quantize to 4 bits for QLoRAM (double quant, blocksize 64; see `loramkit quantize`).")] = None,
+        base_name: Annotated[
+            str | None, typer.Option(help="Base identity to record (e.g. its Hub repo id) [default: its path].")
+        ] = None,
+        base_revision: Annotated[str | None, typer.Option(help="Base commit to record, when known.")] = None,
+        quantize: Annotated[
+            QuantType | None,
+            typer.Option(help="Also quantize to 4 bits for QLoRAM (double quant, blocksize 64; see `loramkit quantize`)."),
+        ] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
         endpoint: Endpoint = None,
         token: Token = None,
@@ -58,8 +83,8 @@ def register(app: typer.Typer) -> None:
           activation  mean magnitude of each head's and channel's output on calibration text (Minitron; no gradients)
         """
         from ..bundle.model_dir import parse_size
-        from ..prune.pruner import prune
         from ..pipeline import prune_quantized
+        from ..prune.pruner import prune
 
         check_range("--ratio", ratio, low=0, high=1, high_open=True)
         check_range("--calibration-samples", calibration_samples, low=1)
@@ -68,7 +93,9 @@ def register(app: typer.Typer) -> None:
         check_range("--keep-last", keep_last, low=0)
         check_device(device)
         if base_revision is not None and not re.fullmatch(r"[0-9a-f]{40}", base_revision):
-            raise LoramError(f"--base-revision {base_revision!r} is not a commit sha (40 hex digits); the bundle records the exact commit")
+            raise LoramError(
+                f"--base-revision {base_revision!r} is not a commit sha (40 hex digits); the bundle records the exact commit"
+            )
         sizes = {}
         for flag, text in (("--max-shard-size", max_shard_size), ("--activation-budget", activation_budget)):
             try:

@@ -28,8 +28,12 @@ def register(app: typer.Typer) -> None:
     def quantize_cmd(
         bundle: Annotated[str, typer.Argument(help="Bundle to quantize (16/32-bit weights): directory or Hub repo id.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="4-bit bundle directory to create.")],
-        quant_type: Annotated[QuantType, typer.Option("--type", help="4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")] = QuantType.nf4,
-        double_quant: Annotated[bool, typer.Option(help="Also quantize the per-block constants (QLoRA's double quantization).")] = True,
+        quant_type: Annotated[
+            QuantType, typer.Option("--type", help="4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")
+        ] = QuantType.nf4,
+        double_quant: Annotated[
+            bool, typer.Option(help="Also quantize the per-block constants (QLoRA's double quantization).")
+        ] = True,
         blocksize: Annotated[int, typer.Option(help="Values per quantization block: 32, 64, ..., 4096.")] = 64,
         overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
         endpoint: Endpoint = None,
@@ -37,9 +41,8 @@ def register(app: typer.Typer) -> None:
         as_json: AsJson = False,
     ) -> None:
         """Write a 4-bit (bitsandbytes NF4/FP4) copy of a bundle for QLoRAM training (streaming)."""
-        from ..quant import quantize_bundle
-
         from ..hub.resolve import bundle_dir
+        from ..quant import quantize_bundle
 
         source = bundle_dir(bundle, endpoint=endpoint, token=token)
         m = quantize_bundle(source, out, quant_type.value, double_quant, blocksize, overwrite=overwrite)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,12 +14,17 @@ from ._common import AsJson, Endpoint, Token, console, print_json
 def register(app: typer.Typer) -> None:
     @app.command("recover")
     def recover_cmd(
-        adapter: Annotated[str, typer.Argument(help="PEFT LoRA adapter trained on a bundle's pruned model (directory or Hub repo id).")],
+        adapter: Annotated[
+            str, typer.Argument(help="PEFT LoRA adapter trained on a bundle's pruned model (directory or Hub repo id).")
+        ],
         out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the full-model adapter.")],
-        bundle: Annotated[Optional[str], typer.Option(help="The bundle it was trained on, directory or Hub repo id [default: the one the adapter records].")] = None,
+        bundle: Annotated[
+            str | None,
+            typer.Option(help="The bundle it was trained on, directory or Hub repo id [default: the one the adapter records]."),
+        ] = None,
         merge: Annotated[bool, typer.Option(help="Also write the base model with the adapter merged in.")] = False,
-        base: Annotated[Optional[str], typer.Option(help="Base model (directory or Hub repo id), for --merge.")] = None,
-        merged_out: Annotated[Optional[Path], typer.Option(help="Where to write the merged model, for --merge.")] = None,
+        base: Annotated[str | None, typer.Option(help="Base model (directory or Hub repo id), for --merge.")] = None,
+        merged_out: Annotated[Path | None, typer.Option(help="Where to write the merged model, for --merge.")] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace outputs that exist.")] = False,
         endpoint: Endpoint = None,
         token: Token = None,

@@ -5,41 +5,57 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from ..precision import PrecisionChoice
 from ._common import (
-    AsJson, DataFormat, Device, Endpoint, KeepCheckpoints, Overwrite, Precision, Resume, SaveEvery, Token, console, err, print_json,
+    AsJson,
+    DataFormat,
+    Device,
+    Endpoint,
+    KeepCheckpoints,
+    Overwrite,
+    Precision,
+    Resume,
+    SaveEvery,
+    Token,
+    console,
+    err,
+    print_json,
 )
 
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
-        bundle: Annotated[str, typer.Argument(help="LoRAM bundle (pruned, optionally 4-bit) to train on: directory or Hub repo id.")],
+        bundle: Annotated[
+            str, typer.Argument(help="LoRAM bundle (pruned, optionally 4-bit) to train on: directory or Hub repo id.")
+        ],
         data: Annotated[Path, typer.Option(help=".txt, or .jsonl with text / instruction+output / messages.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write.")],
         rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank.")] = 8,
         alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
         dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
-        target: Annotated[Optional[list[str]], typer.Option(help="Target module (repeatable) [default: q,k,v,o,gate,up,down].")] = None,
+        target: Annotated[
+            list[str] | None, typer.Option(help="Target module (repeatable) [default: q,k,v,o,gate,up,down].")
+        ] = None,
         lm_head: Annotated[bool, typer.Option(help="Also adapt lm_head.")] = False,
         rslora: Annotated[bool, typer.Option(help="Rank-stabilised scaling alpha/sqrt(r).")] = False,
         lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 2e-4,
         warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 0,
         weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
         epochs: Annotated[float, typer.Option(help="Passes over the data.")] = 1.0,
-        max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
+        max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
         micro_batch: Annotated[int, typer.Option(help="Examples per forward pass, per process.")] = 4,
         grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
         seq_len: Annotated[int, typer.Option(help="Tokens per example (packed text) / truncation length.")] = 512,
         gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
         precision: Precision = PrecisionChoice.auto,
         seed: Annotated[int, typer.Option(min=0, help="Seed for data order, LoRA init and dropout.")] = 0,
-        eval_data: Annotated[Optional[Path], typer.Option(help="Held-out data file.")] = None,
+        eval_data: Annotated[Path | None, typer.Option(help="Held-out data file.")] = None,
         eval_split: Annotated[float, typer.Option(help="Hold out this fraction of --data when no --eval-data.")] = 0.0,
         eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (0: at the end only).")] = 0,
         save_every: SaveEvery = 0,

@@ -148,7 +148,7 @@ class ArchSpec:
         return self.num_key_value_heads < self.num_attention_heads
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "ArchSpec":
+    def from_config(cls, config: dict[str, Any]) -> ArchSpec:
         from . import family_for_config  # late: the registry imports this module
 
         family = family_for_config(config)
@@ -158,7 +158,9 @@ class ArchSpec:
             kv_heads = int(config.get("num_key_value_heads") or heads)
             experts = int(config.get("num_experts") or config.get("num_local_experts") or 0) if family.experts else 0
             if experts and (config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1):
-                raise UnsupportedModelError("mixtures of experts with dense MLP layers (mlp_only_layers, decoder_sparse_step) are unsupported")
+                raise UnsupportedModelError(
+                    "mixtures of experts with dense MLP layers (mlp_only_layers, decoder_sparse_step) are unsupported"
+                )
             spec = cls(
                 family=family,
                 architecture=(config.get("architectures") or [family.architectures[0]])[0],
@@ -179,7 +181,5 @@ class ArchSpec:
         except (KeyError, TypeError, ValueError) as exc:
             raise UnsupportedModelError(f"config.json lacks a usable field ({exc}); is it a causal LM config?") from None
         if heads % kv_heads:
-            raise UnsupportedModelError(
-                f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
-            )
+            raise UnsupportedModelError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
         return spec

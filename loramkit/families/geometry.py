@@ -34,10 +34,15 @@ class LayerDims:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "LayerDims":
+    def from_json(cls, d: dict) -> LayerDims:
         pair = lambda k: (int(d[k]["original"]), int(d[k]["kept"]))  # noqa: E731
-        return cls(int(d["index"]), bool(d["pruned"]), pair("num_attention_heads"), pair("num_key_value_heads"), pair("intermediate_size"))
-
+        return cls(
+            int(d["index"]),
+            bool(d["pruned"]),
+            pair("num_attention_heads"),
+            pair("num_key_value_heads"),
+            pair("intermediate_size"),
+        )
 
 
 def unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
@@ -211,7 +216,11 @@ def expert_members(arch: ArchSpec, fused_name: str) -> list[tuple[str, int, str]
     if not family.experts or layer is None:
         return []
     prefix = f"{family.layers_prefix}.{layer}.{family.experts}."
-    roles = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}.get(fused_name.removeprefix(prefix)) if fused_name.startswith(prefix) else None
+    roles = (
+        {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}.get(fused_name.removeprefix(prefix))
+        if fused_name.startswith(prefix)
+        else None
+    )
     return [(f"{family.module(layer, r, e)}.weight", e, r) for e in range(arch.num_experts) for r in roles or ()]
 
 

@@ -42,9 +42,7 @@ def layers_kept_intact(num_layers: int, keep_first: int | None, keep_last: int |
     first = min(DEFAULT_KEEP_FIRST, num_layers // 4) if keep_first is None else keep_first
     last = min(DEFAULT_KEEP_LAST, num_layers // 6) if keep_last is None else keep_last
     if first < 0 or last < 0 or first + last > num_layers:
-        raise LoramError(
-            f"--keep-first {first} and --keep-last {last} do not fit a model of {num_layers} layers"
-        )
+        raise LoramError(f"--keep-first {first} and --keep-last {last} do not fit a model of {num_layers} layers")
     return first, last
 
 

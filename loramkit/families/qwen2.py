@@ -4,6 +4,4 @@ from dataclasses import replace
 
 from .llama import LLAMA
 
-QWEN2 = replace(
-    LLAMA, name="qwen2", architectures=("Qwen2ForCausalLM",), model_types=("qwen2",), bias_roles=("q", "k", "v")
-)
+QWEN2 = replace(LLAMA, name="qwen2", architectures=("Qwen2ForCausalLM",), model_types=("qwen2",), bias_roles=("q", "k", "v"))

@@ -52,7 +52,7 @@ def publish(
     Re-publishing an unchanged bundle makes no commit.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     from ..bundle.validate import validate

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bundle.model_dir import INDEX_NAME, TOKENIZER_FILES
 from ..bundle.manifest import ADAPTER_RECORD_NAME, MANIFEST_NAME
+from ..bundle.model_dir import INDEX_NAME, TOKENIZER_FILES
 from ..errors import BaseModelError, BundleError, LoramError
 
 # org/name, optionally @revision (branch, tag or commit). Hub names: letters, digits, - _ .
@@ -142,7 +142,9 @@ def bundle_dir(ref: str | Path, need: str = "all", *, endpoint: str | None = Non
             try:
                 b.verify_file(rel)
             except BundleError as exc:
-                raise BundleError(f"{where}: downloaded {rel} does not match the manifest (altered on the server?): {exc}") from None
+                raise BundleError(
+                    f"{where}: downloaded {rel} does not match the manifest (altered on the server?): {exc}"
+                ) from None
     return path
 
 

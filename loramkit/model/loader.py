@@ -206,7 +206,9 @@ def load_pruned_model(
                 raise BundleError(f"{b.path}: weight {name} does not belong to {b.arch.architecture}")
             info = ckpt.info(name)
             if tuple(expected[name].shape) != info.shape:
-                raise BundleError(f"{b.path}: {name} has shape {list(info.shape)}, the manifest implies {list(expected[name].shape)}")
+                raise BundleError(
+                    f"{b.path}: {name} has shape {list(info.shape)}, the manifest implies {list(expected[name].shape)}"
+                )
             tensor = ckpt.get(name).to(device=device, dtype=torch_dtype if DTYPES[info.dtype].is_floating_point else None)
             parent_path, attr = name.rsplit(".", 1)
             parent = model.get_submodule(parent_path)

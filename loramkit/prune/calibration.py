@@ -135,7 +135,9 @@ def load_calibration(
     if seq_len < 2:
         raise LoramError(f"--seq-len must be at least 2 (one token predicts the next), got {seq_len}")
     if max_positions is not None and seq_len > max_positions:
-        raise LoramError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_positions}); use at most {max_positions}")
+        raise LoramError(
+            f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_positions}); use at most {max_positions}"
+        )
     texts, digest = read_calibration(path)
     from transformers import AutoTokenizer
 
@@ -211,7 +213,9 @@ class BoundaryStore:
                 self._tmp = Path(tempfile.mkdtemp(prefix="loramkit-calibration-", dir=self.offload_dir))
             except OSError as exc:
                 where = self.offload_dir or tempfile.gettempdir()
-                raise LoramError(f"{where}: cannot create a folder for boundary activations ({exc.strerror}); use --offload-dir") from None
+                raise LoramError(
+                    f"{where}: cannot create a folder for boundary activations ({exc.strerror}); use --offload-dir"
+                ) from None
         self._fds[slot] = os.open(self._tmp / f"boundary-{slot}.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self.disk_slots += 1
 
@@ -261,7 +265,7 @@ class BoundaryStore:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
-    def __enter__(self) -> "BoundaryStore":
+    def __enter__(self) -> BoundaryStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -532,7 +536,7 @@ def _forward_sweep(
             store.put(0, start, embed(calib.ids[start : start + rows]))
     with progress.task("calibration: forward", upto, unit="layers", show=settings.show_progress) as advance:
         for i in range(upto):
-            with skel.layer(i) as module, (on_layer(i, module) if on_layer else contextlib.nullcontext()):
+            with skel.layer(i) as module, on_layer(i, module) if on_layer else contextlib.nullcontext():
                 with torch.no_grad():
                     for start, rows in batches:
                         x = store.get(i, start, rows).to(skel.device)
@@ -543,7 +547,9 @@ def _forward_sweep(
 
 
 @contextlib.contextmanager
-def _engine(base_dir: Path, arch: ArchSpec, calib: Calibration, settings: EngineSettings) -> Iterator[tuple[_Skeleton, BoundaryStore]]:
+def _engine(
+    base_dir: Path, arch: ArchSpec, calib: Calibration, settings: EngineSettings
+) -> Iterator[tuple[_Skeleton, BoundaryStore]]:
     """The model skeleton over the checkpoint and an empty boundary store, both released on exit."""
     check_offload_dir(settings.offload_dir)
     ckpt = Checkpoint(base_dir)
@@ -578,7 +584,9 @@ def calibrated_scores(
         return sweep(skel, calib, settings, store, sorted(layers))
 
 
-def final_hidden_states(base_dir: Path, arch: ArchSpec, calib: Calibration, settings: EngineSettings = EngineSettings()) -> torch.Tensor:
+def final_hidden_states(
+    base_dir: Path, arch: ArchSpec, calib: Calibration, settings: EngineSettings = EngineSettings()
+) -> torch.Tensor:
     """The last decoder layer's output for every calibration block, (N, T, H), by the forward sweep alone."""
     with _engine(base_dir, arch, calib, settings) as (skel, store):
         L = len(skel.layers)
@@ -700,7 +708,9 @@ def _taylor(
                 store.drop(i + 1)
                 if i in wanted:
                     prefix = f"{arch.family.layers_prefix}.{i}."
-                    scores[i] = taylor_group_scores(arch, i, {prefix + n: (module.get_parameter(n).detach(), acc[n]) for n in trainable})
+                    scores[i] = taylor_group_scores(
+                        arch, i, {prefix + n: (module.get_parameter(n).detach(), acc[n]) for n in trainable}
+                    )
                 del acc
             advance(1)
     return scores

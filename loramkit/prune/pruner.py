@@ -21,21 +21,20 @@ from typing import Any
 
 import torch
 
+from .. import progress
 from ..bundle import card
-from ..bundle.model_dir import INDEX_NAME, Checkpoint, parse_size, plan_shards, shard_names
 from ..bundle.fsutil import check_out_clear, staged_dir, write_json
 from ..bundle.hashing import config_sha256
-from ..bundle.reader import check_written
 from ..bundle.manifest import INDEX_MAPS_NAME
+from ..bundle.model_dir import INDEX_NAME, Checkpoint, parse_size, plan_shards, shard_names
+from ..bundle.reader import check_written
 from ..bundle.safetensors_io import COPY_CHUNK, DTYPE_NAMES, DTYPES, StreamingWriter, nbytes_of, tensor_sha256_beside
 from ..bundle.writer import copy_base_files, finalize, new_manifest
 from ..errors import BaseModelError, LoramError, OutputExistsError
 from ..families import ArchSpec
-from .. import progress
-from ..memory import return_large_blocks_to_os
 from ..families.geometry import LayerDims, count_parameters, layer_index_maps, pruned_shape, slice_tensor
 from ..families.pruning_rules import IMPORTANCE_KINDS, plan_layers
-from .importance import expert_channel_scores, group_scores, random_expert_units, random_units, top_units
+from ..memory import return_large_blocks_to_os
 from .calibration import (
     CALIBRATED,
     DEFAULT_BUDGET,
@@ -47,6 +46,7 @@ from .calibration import (
     check_offload_dir,
     load_calibration,
 )
+from .importance import expert_channel_scores, group_scores, random_expert_units, random_units, top_units
 
 
 def _check_tensors(ckpt: Checkpoint, arch: ArchSpec) -> None:
@@ -67,7 +67,9 @@ def _check_tensors(ckpt: Checkpoint, arch: ArchSpec) -> None:
     held = sum(ckpt.info(n).numel for n in names)
     implied = count_parameters(arch, plan_layers(arch, 0.0, 0, 0)[0])
     if held < implied:
-        raise BaseModelError(f"{ckpt.path}: holds {held:,} parameters, its config implies {implied:,}; a tensor (a norm?) is missing")
+        raise BaseModelError(
+            f"{ckpt.path}: holds {held:,} parameters, its config implies {implied:,}; a tensor (a norm?) is missing"
+        )
 
 
 def _planned_bytes(ckpt: Checkpoint, layers: list[LayerDims], arch: ArchSpec) -> int:
@@ -197,7 +199,9 @@ def _kept_units(
     if importance == "random":
         return (
             random_units(arch.num_key_value_heads, k_kv, seed, i, 0),
-            random_expert_units(E, arch.intermediate_size, k_ch, seed, i) if E else random_units(arch.intermediate_size, k_ch, seed, i, 1),
+            random_expert_units(E, arch.intermediate_size, k_ch, seed, i)
+            if E
+            else random_units(arch.intermediate_size, k_ch, seed, i, 1),
         )
     if importance in CALIBRATED:
         kv, ch = taylor[i]
@@ -293,7 +297,11 @@ def _stream(
                         pending = None if n in digests else tensor_sha256_beside(t)
                         _, dtype, shape = entry_of[n]
                         count = nbytes_of(dtype, shape) // t.element_size()
-                        piece = torch.frombuffer(sliced_out, dtype=DTYPES[dtype], count=count) if count else torch.empty(0, dtype=t.dtype)
+                        piece = (
+                            torch.frombuffer(sliced_out, dtype=DTYPES[dtype], count=count)
+                            if count
+                            else torch.empty(0, dtype=t.dtype)
+                        )
                         _slice_into(t, n, layer_maps, piece.view(shape))
                         digest = digests[n] if pending is None else pending.result()
                         writer_of[n].write(n, piece.view(shape))

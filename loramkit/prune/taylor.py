@@ -70,7 +70,7 @@ def whole_model_taylor_scores(
     base_dir: Path,
     arch: ArchSpec,
     layers: list[int],
-    calib: "Calibration",
+    calib: Calibration,
     *,
     micro_batch: int = 4,
     dtype: torch.dtype = torch.float32,

@@ -17,21 +17,22 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import torch
 
 from .. import progress
-from ..memory import return_large_blocks_to_os
 from ..bundle import Bundle, card
 from ..bundle import quantization as qformat
-from ..bundle.model_dir import INDEX_NAME, parse_size, plan_shards, shard_names
 from ..bundle.fsutil import check_out_clear, staged_dir, write_json
+from ..bundle.model_dir import INDEX_NAME, parse_size, plan_shards, shard_names
 from ..bundle.reader import check_written
 from ..bundle.safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsReader, StreamingWriter, nbytes_of, tensor_bytes
 from ..bundle.writer import finalize, new_manifest
 from ..errors import LoramError, OutputExistsError
+from ..memory import return_large_blocks_to_os
 from ._bnb import bnb
 
 _BLOB_BOUND = 512  # bytes: an upper bound of a quant_state JSON blob, for planning shards
@@ -139,7 +140,12 @@ def quantize_bundle(
             architecture=m["architecture"],
             pruning=m["pruning"],
             parameters=m["parameters"],  # logical counts: quantizing changes bytes, not parameters
-            weights={"format": "safetensors", "dtype": storage_name, "files": files, "index": INDEX_NAME if len(files) > 1 else None},
+            weights={
+                "format": "safetensors",
+                "dtype": storage_name,
+                "files": files,
+                "index": INDEX_NAME if len(files) > 1 else None,
+            },
             index_maps=m["index_maps"],
             quantization=section,
             alignment=m["alignment"],
@@ -166,7 +172,7 @@ def _converted(reader: SafetensorsReader, name: str, dtype: torch.dtype) -> Iter
 
 
 def _quantize_weight(
-    spool: "_Spool", reader: SafetensorsReader, name: str, shape: tuple[int, ...], storage: torch.dtype, section: dict[str, Any]
+    spool: _Spool, reader: SafetensorsReader, name: str, shape: tuple[int, ...], storage: torch.dtype, section: dict[str, Any]
 ) -> None:
     """Quantize one ``[out, in]`` weight in row chunks and spool its serialized tensors.
 
@@ -202,7 +208,9 @@ def _quantize_weight(
             quant_type=qt, offset=offset, state2=state2,
         )  # fmt: skip
     else:
-        state = functional.QuantState(absmax=absmax, shape=torch.Size(shape), dtype=storage, blocksize=bs, code=code, quant_type=qt)
+        state = functional.QuantState(
+            absmax=absmax, shape=torch.Size(shape), dtype=storage, blocksize=bs, code=code, quant_type=qt
+        )
     for key, t in state.as_dict(packed=True).items():
         t = t.contiguous()
         spool.add(f"{module}.weight.{key}", DTYPE_NAMES[t.dtype], tuple(t.shape), [tensor_bytes(t)])
@@ -243,7 +251,7 @@ class _Spool:
             writer.abort()
             raise
 
-    def __enter__(self) -> "_Spool":
+    def __enter__(self) -> _Spool:
         return self
 
     def __exit__(self, *exc: object) -> None:

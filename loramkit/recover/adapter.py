@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..bundle import Bundle
+from ..bundle.card import compose as compose_card
+from ..bundle.card import tags_of as card_tags_of
 from ..bundle.fsutil import check_out_clear, read_json, staged_dir, write_json
-from ..bundle.card import compose as compose_card, tags_of as card_tags_of
-from ..bundle.manifest import ADAPTER_RECORD_NAME as ADAPTER_RECORD, BUNDLE_TAG_PREFIX, MANIFEST_NAME, bundle_tag
+from ..bundle.manifest import ADAPTER_RECORD_NAME as ADAPTER_RECORD
+from ..bundle.manifest import BUNDLE_TAG_PREFIX, MANIFEST_NAME, bundle_tag
 from ..errors import AdapterError, BundleError
 from .experts import expert_param, recover_expert, targeted_params
 
@@ -51,7 +54,7 @@ class Adapter:
     record: dict[str, Any] | None  # loram_adapter.json, written by `loramkit train`
 
     @classmethod
-    def read(cls, path: str | Path) -> "Adapter":
+    def read(cls, path: str | Path) -> Adapter:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -64,7 +67,11 @@ class Adapter:
             pickled = (path / "adapter_model.bin").exists()
             raise AdapterError(
                 f"{path}: no {ADAPTER_WEIGHTS}"
-                + ("; adapter_model.bin is a pickle, which loramkit never loads: save with safe_serialization=True" if pickled else "")
+                + (
+                    "; adapter_model.bin is a pickle, which loramkit never loads: save with safe_serialization=True"
+                    if pickled
+                    else ""
+                )
             )
         try:
             tensors = load_file(str(weights))
@@ -154,14 +161,20 @@ def check_peft_rules(adapter: Adapter) -> None:
     if not (_is_number(dropout) and 0 <= dropout < 1):
         raise AdapterError(f"{where}: lora_dropout in {ADAPTER_CONFIG} must be a number in [0, 1), not {dropout!r}")
     if c.get("modules_to_save"):
-        raise AdapterError(f"{where}: modules_to_save adapters are unsupported (full copies of modules); recover needs plain LoRA")
+        raise AdapterError(
+            f"{where}: modules_to_save adapters are unsupported (full copies of modules); recover needs plain LoRA"
+        )
     if c.get("bias", "none") not in ("none", None):
         raise AdapterError(f"{where}: bias={c.get('bias')!r} adapters are unsupported; recover needs plain LoRA (bias 'none')")
     layers = c.get("layers_to_transform")
     if not (layers is None or _is_index(layers) or (isinstance(layers, list) and all(_is_index(i) for i in layers))):
-        raise AdapterError(f"{where}: layers_to_transform in {ADAPTER_CONFIG} must be a layer index or a list of them, not {layers!r}")
+        raise AdapterError(
+            f"{where}: layers_to_transform in {ADAPTER_CONFIG} must be a layer index or a list of them, not {layers!r}"
+        )
     pattern = c.get("layers_pattern")
-    if not (pattern is None or isinstance(pattern, str) or (isinstance(pattern, list) and all(isinstance(x, str) for x in pattern))):
+    if not (
+        pattern is None or isinstance(pattern, str) or (isinstance(pattern, list) and all(isinstance(x, str) for x in pattern))
+    ):
         raise AdapterError(f"{where}: layers_pattern in {ADAPTER_CONFIG} must be a name or a list of names, not {pattern!r}")
     _peft_accepts(c, where)
     target = c.get("target_modules")
@@ -183,13 +196,19 @@ def check_peft_rules(adapter: Adapter) -> None:
         rank = _pattern_value(rank_pattern, module, r)
         got = t.shape[0] if part in ("lora_A", "lora_embedding_A") else t.shape[-1]
         if t.dim() != 2 or got != rank:
-            raise AdapterError(f"{where}: {key} has rank {got} but {ADAPTER_CONFIG} says r={rank} for {module}; PEFT cannot load it")
+            raise AdapterError(
+                f"{where}: {key} has rank {got} but {ADAPTER_CONFIG} says r={rank} for {module}; PEFT cannot load it"
+            )
         if not _targeted(target, module):
-            raise AdapterError(f"{where}: {key} adapts {module}, which target_modules {target!r} does not name; PEFT cannot load it")
+            raise AdapterError(
+                f"{where}: {key} adapts {module}, which target_modules {target!r} does not name; PEFT cannot load it"
+            )
     if isinstance(target, list) and adapted:
         idle = [t for t in target if not any(_targeted([t], mod) for mod in adapted)]
         if idle and not experts:
-            raise AdapterError(f"{where}: target_modules names {idle[0]!r} but the adapter holds no tensors for it; PEFT cannot load it")
+            raise AdapterError(
+                f"{where}: target_modules names {idle[0]!r} but the adapter holds no tensors for it; PEFT cannot load it"
+            )
 
 
 def resolve_bundle(adapter: Adapter, bundle: str | Path | Bundle | None) -> Bundle:
@@ -286,7 +305,9 @@ def recover_tensors(adapter: Adapter, b: Bundle) -> dict[str, torch.Tensor]:
             raise AdapterError(f"{adapter.path}: target module {module} is unknown to the bundle's base model")
         shape = base_tensors[weight]["shape"]
         if len(shape) != 2:
-            raise AdapterError(f"{adapter.path}: target module {module} is not a Linear or Embedding ({weight} has shape {shape})")
+            raise AdapterError(
+                f"{adapter.path}: target module {module} is not a Linear or Embedding ({weight} has shape {shape})"
+            )
         out_full, in_full = shape
         index: dict[int, torch.Tensor] = {}
         if part == "lora_A":  # (r, in): columns follow the module's kept inputs

@@ -33,7 +33,9 @@ def targeted_params(config: dict[str, Any], arch: ArchSpec, where: Path) -> list
     targets = config.get("target_parameters") or []
     experts = arch.family.experts
     if targets and not experts:
-        raise AdapterError(f"{where}: LoRA on parameters (target_parameters) adapters are unsupported for {arch.architecture}; recover needs plain LoRA")
+        raise AdapterError(
+            f"{where}: LoRA on parameters (target_parameters) adapters are unsupported for {arch.architecture}; recover needs plain LoRA"
+        )
     names = {t: t.rsplit(".", 1)[-1] for t in targets}
     for t, name in names.items():  # PEFT matches a target as the parameter's full name or a suffix of it
         if name not in EXPERT_PARAMS or not (t == f"{experts}.{name}" or t.endswith(f".{experts}.{name}") or t == name):
@@ -64,7 +66,9 @@ def _expert_maps(arch: ArchSpec, layer: int, maps: dict[str, torch.Tensor], role
     return None if all(g is None for g in got) else got
 
 
-def recover_expert(t: torch.Tensor, part: str, layer: int, param: str, arch: ArchSpec, maps: dict[str, torch.Tensor], key: str, where: Path) -> torch.Tensor:
+def recover_expert(
+    t: torch.Tensor, part: str, layer: int, param: str, arch: ArchSpec, maps: dict[str, torch.Tensor], key: str, where: Path
+) -> torch.Tensor:
     """One ParamWrapper lora_A / lora_B of the pruned model at full size, zeros on pruned channels."""
     E, I, H = arch.num_experts, arch.intermediate_size, arch.hidden_size
     if param == "gate_up_proj":  # A: [r*E, H] (hidden, unpruned); B: [2k, r*E], rows [gate | up]
@@ -77,7 +81,9 @@ def recover_expert(t: torch.Tensor, part: str, layer: int, param: str, arch: Arc
         want = (t.shape[0], k) if part == "lora_A" else (H, t.shape[1])
     r_total = t.shape[0] if part == "lora_A" else t.shape[1]
     if tuple(t.shape) != want or r_total % E:
-        raise AdapterError(f"{where}: {key} has shape {list(t.shape)} but the bundle's kept dims give {list(want)} (x {E} experts); the adapter was trained on another bundle")
+        raise AdapterError(
+            f"{where}: {key} has shape {list(t.shape)} but the bundle's kept dims give {list(want)} (x {E} experts); the adapter was trained on another bundle"
+        )
     r = r_total // E
     if param == "gate_up_proj" and part == "lora_B" and gate:
         out = torch.zeros(2 * I, r_total, dtype=t.dtype)

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 
 from .. import progress
-from ..memory import return_large_blocks_to_os
 from ..bundle import Bundle
-from ..bundle.model_dir import INDEX_NAME, TOKENIZER_FILES, Checkpoint
 from ..bundle.fsutil import check_out_clear, staged_dir
 from ..bundle.hashing import config_sha256
+from ..bundle.model_dir import INDEX_NAME, TOKENIZER_FILES, Checkpoint
 from ..bundle.safetensors_io import StreamingWriter, tensor_sha256
 from ..errors import AdapterError, BaseModelError
 from ..families import ArchSpec
+from ..memory import return_large_blocks_to_os
 from .adapter import _KEY, Adapter, check_peft_rules, check_plain_lora
 from .experts import expert_deltas, expert_param, targeted_params
 
@@ -108,7 +108,10 @@ def merge_adapter(
 
         total = sum(ckpt.info(n).nbytes for n in names)
         inputs = [base_dir, adapter.path, bundle.path if bundle else None]
-        with staged_dir(out_dir, overwrite, inputs=inputs, need_bytes=total) as tmp, progress.task("merging", total, show=show_progress) as advance:
+        with (
+            staged_dir(out_dir, overwrite, inputs=inputs, need_bytes=total) as tmp,
+            progress.task("merging", total, show=show_progress) as advance,
+        ):
             for fname, reader in ckpt.readers.items():
                 entries = [(n, i.dtype, i.shape) for n, i in reader.tensors.items()]
                 writer = StreamingWriter(tmp / fname, entries, reader.metadata or {"format": "pt"})
@@ -127,7 +130,9 @@ def merge_adapter(
                                 w32.addmm_(b.float(), a.float(), alpha=s)
                             merged = w32.to(t.dtype)
                             if not bool(torch.isfinite(merged).all()):  # finite inputs can still overflow (fp16)
-                                raise AdapterError(f"{adapter.path}: merging gives non-finite values in {n}; the adapter is unusable on this base")
+                                raise AdapterError(
+                                    f"{adapter.path}: merging gives non-finite values in {n}; the adapter is unusable on this base"
+                                )
                             writer.write(n, merged)
                             del t, w32, merged
                         else:  # unadapted: copied in chunks, never whole in memory

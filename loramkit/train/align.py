@@ -43,6 +43,7 @@ from .setup import enable_activation_checkpointing, load_tokenizer, start_run
 
 __all__ = ["align", "heldout_indices", "trainable_parameters"]
 
+
 def trainable_parameters(model: nn.Module, train_lm_head: bool = False) -> dict[str, nn.Parameter]:
     """Set ``requires_grad`` on every parameter: all train but ``lm_head`` unless ``train_lm_head``.
 
@@ -216,8 +217,13 @@ def align(
             "seed": config.seed,
             "distributed": ("fsdp" if config.fsdp else "ddp") if world > 1 else None,
         },
-        "heldout_loss": None if before is None else {
-            "before": round(before, 6), "after": round(after, 6), "num_tokens": r.final_eval["tokens"], **heldout_info,
+        "heldout_loss": None
+        if before is None
+        else {
+            "before": round(before, 6),
+            "after": round(after, 6),
+            "num_tokens": r.final_eval["tokens"],
+            **heldout_info,
         },  # fmt: skip
     }
     if b.manifest.get("alignment") is not None:
@@ -350,7 +356,9 @@ def _write_bundle(
             if rel != CARD_NAME and rel not in weight_files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(b.path / rel, tmp / rel)
-        keep = {k: v for k, v in m.items() if k not in ("format", "format_version", "created_by", "created_at", "bundle_id", "files")}
+        keep = {
+            k: v for k, v in m.items() if k not in ("format", "format_version", "created_by", "created_at", "bundle_id", "files")
+        }
         manifest = new_manifest(**(keep | {"alignment": alignment}))
         (tmp / CARD_NAME).write_text(card.render(manifest), encoding="utf-8")
         return finalize(tmp, manifest, sha)

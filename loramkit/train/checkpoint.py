@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 from ..bundle.fsutil import staged_dir
 from ..errors import LoramError
 
-
 TENSORS_NAME = "trainable.safetensors"
 
 

@@ -125,10 +125,12 @@ def load_corpus(path: str | Path, tokenizer: Any, seq_len: int) -> Corpus:
         stream.extend(piece)
     if counts[0] == 0 or not stream:
         detail = "; skipped: " + ", ".join(f"{r} ({n})" for r, n in skips.most_common(3)) if skips else ""
-        raise LoramError(f"no usable text in {path} (expected .txt documents or .jsonl rows with a non-empty \"text\"){detail}")
+        raise LoramError(f'no usable text in {path} (expected .txt documents or .jsonl rows with a non-empty "text"){detail}')
     n_blocks = len(stream) // seq_len
     if n_blocks == 0:
-        raise LoramError(f"{path}: {len(stream):,} tokens, fewer than one block of --seq-len {seq_len}; add text or lower --seq-len")
+        raise LoramError(
+            f"{path}: {len(stream):,} tokens, fewer than one block of --seq-len {seq_len}; add text or lower --seq-len"
+        )
     tokens = torch.frombuffer(stream, dtype=torch.int32)[: n_blocks * seq_len].clone().view(n_blocks, seq_len)
     return Corpus(
         path=path,

@@ -55,11 +55,11 @@ import bisect
 import itertools
 import json
 import logging
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from array import array
 from typing import Any, overload
 
 import torch
@@ -195,9 +195,7 @@ class _SkipRow(Exception):
 # --------------------------------------------------------------------------- public API
 
 
-def load_examples(
-    path: str | Path, tokenizer: Any, seq_len: int, *, fmt: str = "auto"
-) -> tuple[list[Example], str]:
+def load_examples(path: str | Path, tokenizer: Any, seq_len: int, *, fmt: str = "auto") -> tuple[list[Example], str]:
     """Read and tokenize a data file; returns (examples, detected format name).
 
     Skipped rows and dropped examples are logged (``logging``, warning level); use
@@ -222,7 +220,12 @@ def load_examples(
         reasons = ", ".join(f"{r} ({n})" for r, n in stats.skip_reasons.items())
         log.warning(
             "%s: skipped %d of %d rows%s; dropped %d examples with no trained token within seq_len=%d",
-            path, stats.skipped_rows, stats.rows, f": {reasons}" if reasons else "", stats.dropped_examples, seq_len,
+            path,
+            stats.skipped_rows,
+            stats.rows,
+            f": {reasons}" if reasons else "",
+            stats.dropped_examples,
+            seq_len,
         )
     return examples, stats.fmt
 
@@ -472,8 +475,7 @@ def text_pieces(text: str, limit: int = _MAX_PIECE_CHARS) -> Iterator[str]:
 
 
 def _packed(
-    path: Path,
-    docs: Sequence[str], tokenizer: Any, seq_len: int, fmt: str, *, rows: int, skips: Counter
+    path: Path, docs: Sequence[str], tokenizer: Any, seq_len: int, fmt: str, *, rows: int, skips: Counter
 ) -> tuple[list[Example], DataStats]:
     # 4 bytes a token (int32), as align's corpus: a Python list would take ~50.
     stream = array("i")
@@ -507,9 +509,7 @@ def _packed(
 # --------------------------------------------------------------------------- instructions and chat
 
 
-def _per_row(
-    path: Path, rows: list[tuple[str, Any]], tokenizer: Any, seq_len: int, fmt: str
-) -> tuple[list[Example], DataStats]:
+def _per_row(path: Path, rows: list[tuple[str, Any]], tokenizer: Any, seq_len: int, fmt: str) -> tuple[list[Example], DataStats]:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     examples: list[Example] = []
     skips: Counter = Counter()
@@ -561,9 +561,7 @@ def _chars(row: Any) -> int:
     return 0
 
 
-def _encode_instruction(
-    path: Path, loc: str, row: Any, tokenizer: Any, has_template: bool
-) -> tuple[list[int], list[int]]:
+def _encode_instruction(path: Path, loc: str, row: Any, tokenizer: Any, has_template: bool) -> tuple[list[int], list[int]]:
     if not isinstance(row, dict):
         raise _SkipRow("not a JSON object")
     instruction, output, extra = row.get("instruction"), row.get("output"), row.get("input")
@@ -596,17 +594,12 @@ def _encode_instruction(
     return ids, labels
 
 
-def _encode_chat(
-    path: Path, loc: str, row: Any, tokenizer: Any, has_template: bool
-) -> tuple[list[int], list[int]]:
+def _encode_chat(path: Path, loc: str, row: Any, tokenizer: Any, has_template: bool) -> tuple[list[int], list[int]]:
     messages = row.get("messages") if isinstance(row, dict) else None
     if (
         not isinstance(messages, list)
         or not messages
-        or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        )
+        or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
     ):
         raise _SkipRow('"messages" is not a non-empty list of {"role", "content"} with string values')
     # A leading assistant turn has no prompt before it (templates refuse an empty
@@ -678,8 +671,7 @@ def _encode_spans(tokenizer: Any, text: str, spans: Iterable[tuple[int, int]]) -
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     except NotImplementedError:
         raise LoramError(
-            "this tokenizer cannot return character offsets, which masking needs; use its fast "
-            "(tokenizers-backed) version"
+            "this tokenizer cannot return character offsets, which masking needs; use its fast (tokenizers-backed) version"
         ) from None
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     spans = sorted(spans)

@@ -24,12 +24,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,7 +98,7 @@ class BatchPlan:
         self.n, self.mb, self.accum, self.world, self.seed = n, micro_batch, grad_accum, world, seed
         self.global_batch = micro_batch * grad_accum * world
 
-    @lru_cache(maxsize=4)
+    @lru_cache(maxsize=4)  # noqa: B019 - a plan lives as long as its run
     def _perm(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n, generator=g).tolist()
@@ -278,9 +278,7 @@ def run_loop(
             log(f"resumed from step {step} of {total}")
 
     # After a resume the optimizer carries initial_lr, and the schedule picks up at `step`.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total), last_epoch=step - 1
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total), last_epoch=step - 1)
     ddp = model
     if world > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
@@ -311,8 +309,9 @@ def run_loop(
                 if cfg.fsdp:
                     model.set_requires_gradient_sync(last)
                 with ddp.no_sync() if world > 1 and not cfg.fsdp and not last else nullcontext():
-                    with torch.autocast(device.type, dtype=cfg.autocast_dtype or torch.bfloat16,
-                                        enabled=cfg.autocast_dtype is not None):
+                    with torch.autocast(
+                        device.type, dtype=cfg.autocast_dtype or torch.bfloat16, enabled=cfg.autocast_dtype is not None
+                    ):
                         loss = ddp(**batch).loss / len(micro)
                     scaler.scale(loss).backward()
                 step_loss += loss.item()

@@ -12,9 +12,10 @@ change what is computed, :data:`RESUMABLE`, may differ), and checkpoint cleanup.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -335,7 +335,9 @@ def test_moe_recovered_adapter_is_exact_loads_and_merges(moe, tmp_path):
         for e in range(E):
             rest = torch.ones(delta.shape[1 + dim], dtype=torch.bool)
             rest[kept[e]] = False
-            assert torch.equal(delta[e].index_select(dim, kept[e]), want[(layer, param)][e]), (layer, param, e)
+            # The adapters' tensors are equal bit for bit (read_adapter above); their products B @ A
+            # differ only by how the kernel blocks a wider matrix: a sum of r terms, a few eps.
+            assert_close_eps(delta[e].index_select(dim, kept[e]), want[(layer, param)][e], 16, msg=f"{layer} {param} {e}")
             assert not delta[e].index_select(dim, rest.nonzero()[:, 0]).any(), (layer, param, e)
 
     merge_adapter(base, tmp_path / "rec", tmp_path / "merged", bundle=Bundle(bundle), show_progress=False)

@@ -173,7 +173,7 @@ def main() -> None:
                 ],
                 {"PYTHONPATH": str(ROOT)},
             )
-            result = torch.load(out)
+            result = torch.load(out, weights_only=True)  # tensors and a float: nothing to unpickle
             scores[label] = result["scores"]
             bound = None if way == "whole" else engine_bound(config, SAMPLES, SEQ_LEN, MICRO_BATCH, budget)
             runs.append({"layers": depth, "way": label, "peak_rss": rss, "above_floor": rss - floor, "seconds": seconds,

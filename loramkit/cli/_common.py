@@ -28,6 +28,9 @@ KeepCheckpoints = Annotated[bool, typer.Option(help="Keep OUT.ckpt/ after a succ
 Resume = Annotated[bool, typer.Option(help="Continue from the newest checkpoint in OUT.ckpt/.")]
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda when present].")]
 Overwrite = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
+# Which layers stay whole: prune and plan spell it once.
+KeepFirst = Annotated[int | None, typer.Option(help="Layers left intact at the start [default: 4, fewer when shallow].")]
+KeepLast = Annotated[int | None, typer.Option(help="Layers left intact at the end [default: 2, fewer when shallow].")]
 # Every command that ends with a summary prints it as one JSON object on stdout instead.
 AsJson = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout (for scripts).")]
 

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..errors import LoramError
-from ._common import AsJson, Endpoint, QuantType, Token, check_range, console, print_json
+from ._common import AsJson, Endpoint, KeepFirst, KeepLast, QuantType, Token, check_range, console, print_json
 
 
 def _config(base: str, endpoint: str | None, token: str | None) -> dict:
@@ -61,12 +61,8 @@ def register(app: typer.Typer) -> None:
         ],
         ratio: Annotated[float, typer.Option(help="Pruning ratio for LoRAM / QLoRAM.")],
         quantize: Annotated[QuantType, typer.Option(help="4-bit type for QLoRA / QLoRAM.")] = QuantType.nf4,
-        keep_first: Annotated[
-            int | None, typer.Option(help="Layers left intact at the start [default: 4, fewer when shallow].")
-        ] = None,
-        keep_last: Annotated[
-            int | None, typer.Option(help="Layers left intact at the end [default: 2, fewer when shallow].")
-        ] = None,
+        keep_first: KeepFirst = None,
+        keep_last: KeepLast = None,
         lora_rank: Annotated[int, typer.Option(help="LoRA rank (all seven projections).")] = 8,
         seq_len: Annotated[int, typer.Option(help="Tokens per sequence, for the activation estimate.")] = 512,
         batch: Annotated[int, typer.Option(help="Sequences per micro-batch, for the activation estimate.")] = 1,

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LoramError
-from ._common import AsJson, Endpoint, QuantType, Token, check_device, check_range, console, print_json
+from ._common import AsJson, Endpoint, KeepFirst, KeepLast, QuantType, Token, check_device, check_range, console, print_json
 from .inspect import summary
 
 
@@ -40,12 +40,8 @@ def register(app: typer.Typer) -> None:
                 help="Tokens per calibration block; the text is packed [default: 512, or the model's max positions when fewer]."
             ),
         ] = None,
-        keep_first: Annotated[
-            int | None, typer.Option(help="Layers left intact at the start [default: 4, fewer when shallow].")
-        ] = None,
-        keep_last: Annotated[
-            int | None, typer.Option(help="Layers left intact at the end [default: 2, fewer when shallow].")
-        ] = None,
+        keep_first: KeepFirst = None,
+        keep_last: KeepLast = None,
         seed: Annotated[int, typer.Option(min=0, help="Seed for random importance.")] = 0,
         device: Annotated[
             str, typer.Option(help="Device of the calibration engine (cpu, cuda, cuda:1 ...): one decoder layer at a time.")

@@ -64,11 +64,6 @@ class Precision:
 
         return {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "fp16-mixed": torch.float16}.get(self.name, torch.float32)
 
-    @property
-    def needs_grad_scaler(self) -> bool:
-        """fp16's range is too small for unscaled gradients."""
-        return self.name == "fp16-mixed"
-
     def describe(self) -> str:
         """``bf16-mixed (auto: ...)`` for summaries."""
         return f"{self.name} ({self.reason})"

@@ -32,7 +32,6 @@ def register(app: typer.Typer) -> None:
         token: Token = None,
     ) -> None:
         """Perplexity and next-token accuracy of a model (and adapter) on held-out data."""
-        from transformers import AutoTokenizer
 
         from ..model.loader import load_model
         from ..precision import resolve_precision
@@ -67,15 +66,10 @@ def register(app: typer.Typer) -> None:
                 raise LoramError(
                     f"{adapter}: does not fit {model} ({first}); recover it first if it was trained on a bundle"
                 ) from None
-        from ..bundle.reader import tokenizer_source
+        from ..train.setup import load_tokenizer
 
-        try:
-            with tokenizer_source(model_path) as src:  # a bundle's listed, sha256-verified files only
-                tok = AutoTokenizer.from_pretrained(src)
-        except (OSError, ValueError) as exc:
-            raise LoramError(f"{model}: no usable tokenizer ({exc})") from None
+        tok, pad_id = load_tokenizer(model_path)  # a bundle's listed, sha256-verified files only
         examples, fmt = load_examples(data, tok, seq_len, fmt=data_format.value)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         result = evaluate(m, examples, pad_id, micro_batch, prec.autocast_dtype)
         result["precision"] = prec.name
         result |= {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),

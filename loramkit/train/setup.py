@@ -115,7 +115,9 @@ def load_tokenizer(path: str | Path) -> tuple[Any, int]:
         with tokenizer_source(path) as src:  # a bundle's listed, sha256-verified files only
             tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as exc:
-        raise LoramError(f"{path}: the bundle has no usable tokenizer ({exc}); re-prune a base that ships one") from None
+        raise LoramError(
+            f"{path}: no usable tokenizer ({exc}); a bundle takes its base's: re-prune a base that ships one"
+        ) from None
     return tok, pad_id_of(tok)
 
 

@@ -67,10 +67,22 @@ def render(manifest: dict[str, Any], repo_id: str | None = None) -> str:
     pruned_layers = pr["pruned_layers"]
     layer_text = f"{pruned_layers[0]}-{pruned_layers[-1]}" if pruned_layers else "none"
     here = repo_id or "THIS_BUNDLE"
-    made = [
-        f"- pruning: structured (whole KV groups / heads and MLP channels), importance `{pr['importance']}`, "
-        f"ratio {pr['ratio']}, layers {layer_text} pruned (first {pr['keep_first']} and last {pr['keep_last']} intact), seed {pr['seed']}",
-    ]
+    sp = manifest.get("sparsity")
+    intact = f"(first {pr['keep_first']} and last {pr['keep_last']} intact)"
+    if sp:  # spec 7.3: weights zeroed inside the projections, stored as bitmask + kept values
+        kind = f"{sp['pattern']} semi-structured" if sp.get("pattern") else "unstructured"
+        tags.append("sparse")
+        made = [
+            f"- pruning: {kind} sparsity of the decoder-layer projections, importance `{pr['importance']}`, ratio {pr['ratio']}, "
+            f"layers {layer_text} sparsified {intact}, seed {pr['seed']}; stored compressed (bitmask + kept values)",
+        ]
+        what = f"An {kind} sparse" if kind == "unstructured" else f"A {kind} sparse"
+    else:
+        made = [
+            f"- pruning: structured (whole KV groups / heads and MLP channels), importance `{pr['importance']}`, "
+            f"ratio {pr['ratio']}, layers {layer_text} pruned {intact}, seed {pr['seed']}",
+        ]
+        what = "A structurally pruned"
     if pr.get("calibration"):
         made.append(f"- calibration: `{pr['calibration']['source']}` ({pr['calibration'].get('num_samples', '?')} samples)")
     if al:
@@ -92,7 +104,7 @@ def render(manifest: dict[str, Any], repo_id: str | None = None) -> str:
         f"""
 # LoRAM bundle of `{base}`
 
-A structurally pruned{" and 4-bit quantized" if q else ""} copy of `{base}` for **training LoRA adapters
+{what}{" and 4-bit quantized" if q else ""} copy of `{base}` for **training LoRA adapters
 with far less memory** (LoRAM, "Train Small, Infer Large", ICLR 2025). Train on this bundle, then
 recover the adapter onto the original model for inference: every original weight is used at
 inference; the pruned weights here serve training only.

@@ -21,7 +21,7 @@ from torch import nn
 from loramkit import Bundle, cli
 from loramkit import load_pruned_model as _load_pruned_model
 from loramkit.bundle import quantization as qformat
-from loramkit.bundle.manifest import bundle_id, bundle_tag
+from loramkit.bundle.manifest import FORMAT_VERSION, bundle_id, bundle_tag
 from loramkit.bundle.validate import validate
 from loramkit.bundle.writer import finalize
 from loramkit.errors import BundleError
@@ -194,7 +194,7 @@ def test_layout_and_manifest(shop, kw):
     src, b = shop.bundle(), shop.quantized(**kw)
     s, m = (json.loads((d / "loram.json").read_text()) for d in (src, b))
     qt, bs, dq = kw["quant_type"], kw.get("blocksize", 64), kw["double_quant"]
-    assert m["format_version"] == "1.1.0" and m["requires"] == ["quantization"]
+    assert m["format_version"] == FORMAT_VERSION and m["requires"] == ["quantization"]
     assert m["quantization"] == {
         "method": "bitsandbytes", "quant_type": qt, "blocksize": bs, "double_quant": dq,
         "compute_dtype": "bfloat16", "quant_storage": "uint8", "modules": targets(b),

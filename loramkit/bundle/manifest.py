@@ -14,16 +14,17 @@ from ..errors import BundleError
 from .hashing import canonical_json
 
 FORMAT = "loram-bundle"
-FORMAT_VERSION = "1.1.0"
+FORMAT_VERSION = "1.2.0"
 MANIFEST_NAME = "loram.json"
 INDEX_MAPS_NAME = "kept_indices.safetensors"
 CARD_NAME = "README.md"
 # Written by `loramkit train` next to a PEFT adapter: the bundle it belongs to (specs/bundle-v1.md).
 ADAPTER_RECORD_NAME = "loram_adapter.json"
 # Features listed in a manifest's "requires" that this reader implements.
-KNOWN_FEATURES: frozenset[str] = frozenset({"quantization"})
+KNOWN_FEATURES: frozenset[str] = frozenset({"quantization", "sparse"})
 # In-memory upgrades, keyed by the (major, minor) they read; each returns the next version.
-# None so far: 1.1 only adds the "quantization" feature, so a 1.0 manifest is read as is (spec 8.3).
+# None so far: 1.1 only adds the "quantization" feature and 1.2 the "sparse" one (an absent
+# `sparsity` reads as null), so a 1.0 or 1.1 manifest is read as is (spec 8.3).
 MIGRATIONS: dict[tuple[int, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
 SCHEMA_PATH = Path(__file__).with_name("bundle-v1.schema.json")
 

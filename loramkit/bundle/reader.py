@@ -37,6 +37,16 @@ class Bundle:
     def base(self) -> dict[str, Any]:
         return self.manifest["base"]
 
+    @property
+    def sparsity(self) -> dict[str, Any] | None:
+        """The ``sparsity`` record (spec 7.3), or None: dense weights (absent in 1.0/1.1 manifests)."""
+        return self.manifest.get("sparsity")
+
+    @property
+    def sparse_modules(self) -> set[str]:
+        """Module paths (no ``.weight``) stored as mask + values; empty for a dense bundle."""
+        return set(self.sparsity["modules"]) if self.sparsity else set()
+
     def verify_file(self, rel: str) -> Path:
         """Check one file's size and sha256 against the manifest; returns its path."""
         if rel in self._verified:

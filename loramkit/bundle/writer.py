@@ -32,6 +32,7 @@ def new_manifest(**sections: Any) -> dict[str, Any]:
         "created_at": now_utc(),
         "bundle_id": None,
         "quantization": None,
+        "sparsity": None,  # 1.2 writers always write it (spec 7.3)
         "alignment": None,
     }
     manifest.update(sections)

@@ -21,9 +21,9 @@ projection: 6,671,979,520 parameters, 1.95x, as its Table 1 says; its Table 4 gi
 6,738,415,616 (1.93x) for the same model, 66,436,096 more than half of the projections
 leave, which no N:M count of these shapes gives. Unst 0.55 keeps 6,037,591,040 by magnitude
 (one group per matrix, 45% exactly) and 6,037,632,000 by Wanda (per row: 7,603 of 13,824
-removed), both 2.16x as the paper says; its Table 4 count, 6,037,628,912, matches neither
-(nor SparseGPT's whole-block count, 6,037,579,040). loramkit's SparseGPT rounds per row and
-128-column block (58 of 128 kept at 0.55): 6,077,240,320, 2.14x.
+removed) and 6,037,592,960 by SparseGPT (per 128-column block), all 2.16x as the paper says;
+its Table 4 count, 6,037,628,912, matches none of them (nor the reference SparseGPT's
+``<=`` threshold, one more weight removed per block: 6,037,579,040).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ METHODS = ("full fine-tuning", "LoRA", "QLoRA", "LoRAM", "QLoRAM")
 STRATEGIES = ("structured", *sparse.STRATEGIES)
 SPARSE_METHODS = {"unstructured": "LoRAM-Unst", "semi-structured": "LoRAM-Semi"}
 ZERO_FILLED = " (zero-filled)"  # suffix of the paper's way: the same masks, dense weights with zeros
-SPARSEGPT_BLOCK = 128  # SparseGPT's column block: its unstructured comparison group is one row of one block
+SPARSEGPT_BLOCK = 128  # SparseGPT's column block: its unstructured comparison group
 # A compressed projection's forward expands its weight for one matmul: the dense weight (2 bytes
 # a weight) plus the unpacked mask (a uint8 bit per weight, then a bool), one projection at a time.
 SPARSE_TRANSIENT_BYTES_PER_WEIGHT = 4
@@ -127,8 +127,10 @@ def sparse_kept(shape: tuple[int, int], ratio: Fraction, importance: str, patter
     """Weights one sparsified ``[out, in]`` projection keeps (``pruning.rounding`` "floor").
 
     N:M keeps N of every M input columns in every row. Otherwise each comparison group drops
-    floor(size * ratio): the whole matrix for magnitude, one row for Wanda, one row of each
-    128-column block for SparseGPT (the last block may be narrower).
+    floor(size * ratio): the whole matrix for magnitude, one row for Wanda, each 128-column
+    block (all rows; the last block may be narrower) for SparseGPT. The pruner applies the
+    same rule (loramkit.prune.sparse), which this layer may not import; tests hold the two
+    to a real bundle's counts.
     """
     out, cols = shape
     if pattern is not None:
@@ -140,9 +142,9 @@ def sparse_kept(shape: tuple[int, int], ratio: Fraction, importance: str, patter
         groups = [(1, out * cols)]  # (how many, size)
     elif importance == "wanda":
         groups = [(out, cols)]
-    elif importance == "sparsegpt":
+    elif importance == "sparsegpt":  # (as its reference: one threshold per block, over all rows)
         full, rest = divmod(cols, SPARSEGPT_BLOCK)
-        groups = [(out * full, SPARSEGPT_BLOCK)] + ([(out, rest)] if rest else [])
+        groups = [(full, out * SPARSEGPT_BLOCK)] + ([(1, out * rest)] if rest else [])
     else:
         raise LoramError(f"importance {importance!r} is not one of {', '.join(sparse.SPARSE_IMPORTANCES)}")
     return sum(count * (size - math.floor(size * ratio)) for count, size in groups)

@@ -123,7 +123,7 @@ def test_sparse_rows_reproduce_the_papers_table_1_llama2_13b():
     [
         ("magnitude", sum(o * i - o * i * 55 // 100 for o, i in L13_PROJECTIONS)),  # one group per matrix (exact here)
         ("wanda", sum(o * (i - i * 55 // 100) for o, i in L13_PROJECTIONS)),  # per row: 7,603 of 13,824 removed
-        ("sparsegpt", sum(o * i // 128 * (128 - 128 * 55 // 100) for o, i in L13_PROJECTIONS)),  # per row x 128 columns
+        ("sparsegpt", sum(i // 128 * (o * 128 - o * 128 * 55 // 100) for o, i in L13_PROJECTIONS)),  # per 128-column block
     ],
 )
 def test_unstructured_kept_counts_follow_each_importances_comparison_groups(importance, kept_per_layer):
@@ -142,8 +142,9 @@ def test_sparse_kept_rounds_down_what_each_group_removes():
     assert sparse_kept((7, 300), r, "magnitude", None) == 2100 - 1155  # 2100 * 0.55 = 1155 exactly
     assert sparse_kept((7, 301), r, "magnitude", None) == 2107 - 1158  # 1158.85 -> 1158 removed
     assert sparse_kept((7, 301), r, "wanda", None) == 7 * (301 - 165)  # 165.55 -> 165 per row
-    assert sparse_kept((7, 300), r, "sparsegpt", None) == 7 * (2 * (128 - 70) + (44 - 24))  # 70.4 -> 70, 24.2 -> 24
-    assert sparse_kept((7, 300), Fraction(1, 3), "sparsegpt", None) == 7 * (2 * (128 - 42) + (44 - 14))
+    # blocks of 7 x 128 (492.8 -> 492 removed) and a last one of 7 x 44 (169.4 -> 169)
+    assert sparse_kept((7, 300), r, "sparsegpt", None) == 2 * (896 - 492) + (308 - 169)
+    assert sparse_kept((7, 300), Fraction(1, 3), "sparsegpt", None) == 2 * (896 - 298) + (308 - 102)
     assert sparse_kept((6, 300), r, "wanda", (2, 4)) == sparse_kept((6, 300), r, "sparsegpt", (2, 4)) == 6 * 150
     assert sparse_kept((6, 12), Fraction(2, 3), "magnitude", (1, 3)) == 6 * 4
 

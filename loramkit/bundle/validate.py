@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -10,8 +11,9 @@ from .. import progress
 from ..errors import LoramError
 from ..families import ArchSpec
 from ..families.geometry import LayerDims, count_parameters, coupled_slices, layer_index_maps, pruned_shape, unit_rows
-from ..families.pruning_rules import IMPORTANCE_KINDS, ROUNDING_RULES, plan_layers
+from ..families.pruning_rules import IMPORTANCE_KINDS, ROUNDING_RULES, exact_ratio, layers_kept_intact, plan_layers
 from . import quantization as qformat
+from . import sparse as sformat
 from .hashing import config_sha256
 from .manifest import CARD_NAME, MANIFEST_NAME, bundle_id
 from .model_dir import INDEX_NAME, Checkpoint
@@ -36,6 +38,10 @@ _WEIGHT_SUFFIXES = (
 def _check_pruning_record(m: dict, arch: ArchSpec, layers: list[LayerDims], problems: list[str], warnings: list[str]) -> None:
     """Per-layer dims must be what the recorded ratio, rounding rule and intact layers give."""
     pr = m["pruning"]
+    if pr["strategy"] in sformat.STRATEGIES:
+        return _check_sparse_record(m, arch, layers, problems, warnings)
+    if m.get("sparsity") is not None:
+        problems.append(f"sparsity is set, but pruning.strategy {pr['strategy']!r} stores no sparse weights")
     if pr["importance"] not in IMPORTANCE_KINDS:
         warnings.append(f"pruning.importance {pr['importance']!r} is unknown to this loramkit")
     if pr["pruned_layers"] != [d.index for d in layers if d.pruned]:
@@ -54,6 +60,86 @@ def _check_pruning_record(m: dict, arch: ArchSpec, layers: list[LayerDims], prob
                 f"layer {got.index}: dims {got.to_json()} do not follow the pruning record "
                 f"(ratio {pr['ratio']}, keep {pr['keep_first']}/{pr['keep_last']}): expected {expected.to_json()}"
             )
+
+
+def _check_sparse_record(m: dict, arch: ArchSpec, layers: list[LayerDims], problems: list[str], warnings: list[str]) -> None:
+    """Spec 7.3: an unstructured / semi-structured bundle changes no shape, sparsifies exactly the
+    projections of the layers between keep_first and keep_last, and its pattern matches its ratio."""
+    pr, sp = m["pruning"], m["sparsity"]
+    if pr["importance"] not in sformat.SPARSE_IMPORTANCES:
+        warnings.append(f"pruning.importance {pr['importance']!r} is unknown to this loramkit for {pr['strategy']} pruning")
+    if pr["rounding"] != "floor":
+        warnings.append(
+            f"pruning.rounding {pr['rounding']!r} is unknown for {pr['strategy']} pruning; counts checked within rounding only"
+        )
+    if arch.num_experts:
+        problems.append(f"{pr['strategy']} pruning of a mixture of experts ({arch.family.name}) is not defined in this format")
+    for d in layers:
+        if d.pruned:
+            problems.append(f"layer {d.index}: marked pruned, but {pr['strategy']} pruning keeps every head and channel")
+    try:
+        first, last = layers_kept_intact(arch.num_hidden_layers, pr["keep_first"], pr["keep_last"])
+    except LoramError as exc:
+        problems.append(f"pruning record: {exc}")
+        return
+    eligible = list(range(first, arch.num_hidden_layers - last))
+    if pr["pruned_layers"] != eligible:
+        problems.append(f"pruning.pruned_layers is {pr['pruned_layers']}, keep_first {first} / keep_last {last} give {eligible}")
+    want = [mod for i in eligible for mod in arch.family.projections(i)]
+    got = sp["modules"]
+    if set(got) != set(want):
+        extra, lacking = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+        problems.append(
+            "sparsity.modules must be the decoder-layer projections of the pruned layers"
+            + (f"; lists {extra[0]}" if extra else "")
+            + (f"; lacks {lacking[0]}" if lacking else "")
+            + f" ({len(extra)} extra, {len(lacking)} missing)"
+        )
+    semi = pr["strategy"] == "semi-structured"
+    if semi != (sp["pattern"] is not None):
+        problems.append(
+            f"sparsity.pattern is {sp['pattern']!r}: {pr['strategy']} pruning " + ("needs an N:M pattern" if semi else "has none")
+        )
+    if sp["pattern"] is not None:
+        try:
+            n, m_ = sformat.parse_pattern(sp["pattern"])
+        except LoramError as exc:
+            problems.append(f"sparsity.pattern: {exc}")
+            return
+        if exact_ratio(pr["ratio"]) != 1 - Fraction(n, m_):
+            problems.append(f"pruning.ratio {pr['ratio']} is not 1 - N/M = {1 - Fraction(n, m_)} of the {n}:{m_} pattern")
+
+
+def _sparse_module_problems(
+    ckpt: Checkpoint, module: str, base_weight: dict, pattern: tuple[int, int] | None, ratio: Fraction | None, warnings: list[str]
+) -> tuple[list[str], int]:
+    """(problems, nnz) of one sparse Linear (spec 7.3): the two tensors' dtypes and shapes, the
+    layout (mask shape, padding bits, value count, N:M), and its sparsity against the ratio."""
+    shape = tuple(base_weight["shape"])
+    if len(shape) != 2:
+        return [f"sparsity.modules lists {module}, whose weight {list(shape)} is not a Linear's"], 0
+    values_info = ckpt.info(sformat.values_key(module))
+    nnz = values_info.shape[0] if len(values_info.shape) == 1 else -1
+    out = []
+    for key, (dt, shp) in sformat.expected_entries(module, shape, max(nnz, 0), base_weight["dtype"]).items():
+        info = ckpt.info(key)
+        if (info.dtype, tuple(info.shape)) != (dt, shp):
+            want = f"{dt}{list(shp)}" if key == sformat.mask_key(module) or nnz >= 0 else f"{dt}[nnz]"
+            out.append(f"{key}: stored {info.dtype}{list(info.shape)}, expected {want}")
+    if out:
+        return out, max(nnz, 0)
+    out = sformat.layout_problems(module, shape, ckpt.get(sformat.mask_key(module)), nnz, pattern)
+    size = shape[0] * shape[1]
+    if not out and pattern is None and ratio is not None:
+        # floor per comparison group; the finest group 7.3 defines is one row x 128 columns
+        groups = shape[0] * -(-shape[1] // 128)
+        removed = size - nnz
+        if not size * ratio - groups < removed <= size * ratio:
+            warnings.append(
+                f"{module}: {removed:,} of {size:,} weights removed ({removed / size:.4f}), "
+                f"pruning.ratio {float(ratio)} with floor rounding removes {float(size * ratio - groups):,.0f}..{float(size * ratio):,.0f}"
+            )
+    return out, nnz
 
 
 def _ascending(t: torch.Tensor) -> bool:
@@ -232,20 +318,50 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
     for w, mod in quantized.items():
         if arch.family.role_of(mod) is None or w not in base:
             problems.append(f"quantization.modules lists {mod}, which is not a decoder-layer projection of the base")
+    sp = m.get("sparsity")
+    if sp is not None and q is not None:
+        return problems + [
+            "quantization of a sparse bundle is not defined in format 1.2 (spec 7.1); quantize is refused"
+        ], warnings
+    # spec 7.3: a sparse module's weight is stored as mask + values, under other names
+    sparse = {f"{mod}.weight": mod for mod in (sp["modules"] if sp else []) if f"{mod}.weight" in base}
+    for mod in sorted(set(sp["modules"] if sp else []) - set(sparse.values())):
+        problems.append(f"sparsity.modules lists {mod}, which has no weight in the base")
+    sparse_keys = {k for mod in sparse.values() for k in (sformat.mask_key(mod), sformat.values_key(mod))}
+    pattern, ratio = None, None  # N:M (checked per group) or the unstructured ratio (checked per module)
+    if sp is not None and sp["pattern"] is not None:
+        try:
+            pattern = sformat.parse_pattern(sp["pattern"])
+        except LoramError:
+            pass  # reported with the pruning record
+    elif sp is not None and m["pruning"]["rounding"] == "floor":
+        ratio = exact_ratio(m["pruning"]["ratio"])
     storage = _SAFETENSORS_CODES.get(m["weights"]["dtype"])
     with b.weights() as ckpt:
         stored = set(ckpt.names())
         state_keys = {
             k for w, mod in quantized.items() if w in base for k in qformat.state_keys(mod, q["quant_type"], q["double_quant"])
         } - set(quantized)
-        for n in sorted((names | state_keys) - stored):
+        dense_names = names - set(sparse)
+        for n in sorted((dense_names | state_keys | sparse_keys) - stored):
             problems.append(f"weights lack {n}")
-        for n in sorted(stored - names - state_keys):
-            problems.append(f"weights hold {n}, which the base does not have")
+        for n in sorted(stored - dense_names - state_keys - sparse_keys):
+            problems.append(
+                f"weights hold {n}, which the base does not have"
+                if n not in sparse
+                else f"weights hold {n}, stored sparse (mask + values) by sparsity.modules"
+            )
         numel = 0
-        checked = sorted(stored & names)
+        removed = 0  # weights the sparse modules do not keep, for the count the architecture implies
+        checked = sorted(stored & dense_names)
+        checked_sparse = sorted(w for w, mod in sparse.items() if {sformat.mask_key(mod), sformat.values_key(mod)} <= stored)
         total = sum(ckpt.info(n).nbytes for n in checked)
         with progress.task("checking tensors", total, transient=True) as advance:  # re-hashes what the base holds unchanged
+            for w in checked_sparse:  # one mask in memory at a time; values only through their header
+                found, nnz = _sparse_module_problems(ckpt, sparse[w], base[w], pattern, ratio, warnings)
+                problems += found
+                numel += nnz
+                removed += torch.Size(base[w]["shape"]).numel() - nnz
             for n in checked:
                 info = ckpt.info(n)
                 advance(info.nbytes)
@@ -265,7 +381,7 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
                         problems.append(f"{n}: not pruned, yet differs from the base tensor it copies")
     if numel != m["parameters"]["pruned"]:
         problems.append(f"parameters.pruned is {m['parameters']['pruned']:,}, the weights hold {numel:,}")
-    implied = count_parameters(arch, layers)
+    implied = count_parameters(arch, layers) - removed
     if implied > m["parameters"]["pruned"]:  # a tensor the model needs is absent: the readers refuse to load it
         problems.append(
             f"parameters.pruned is {m['parameters']['pruned']:,}, the architecture implies {implied:,}: a tensor (a norm?) is missing"

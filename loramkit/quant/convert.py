@@ -83,6 +83,12 @@ def quantize_bundle(
     if m.get("quantization") is not None:
         q = m["quantization"]
         raise LoramError(f"{b.path} is already quantized ({q['quant_type']}); quantize the unquantized bundle it was made from")
+    if b.sparsity is not None:  # spec 7.1: format 1.2 defines no 4-bit layout of masked weights
+        kind = f"{m['pruning']['strategy']} {b.sparsity['pattern'] or m['pruning']['ratio']}"
+        raise LoramError(
+            f"quantize does not support sparse bundles ({b.path} is {kind}): format 1.2 has no 4-bit layout for "
+            "masked weights; train the sparse bundle in 16 bits, or quantize a structured bundle"
+        )
     for rel in m["files"]:
         if rel != card.CARD_NAME:
             b.verify_file(rel)  # every byte read below is the one the manifest names

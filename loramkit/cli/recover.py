@@ -56,7 +56,8 @@ def register(app: typer.Typer) -> None:
         result = recover_adapter(adapter_path, out, bundle_path, overwrite=overwrite, then=merge_staged if merge else None)
         result = {"adapter": adapter, "out": str(out), **result, "merged": str(merged_out) if merge else None}
         if not as_json:
-            console.print(f"wrote {out}: {result['modules']} modules recovered for {result['base']}")
+            how = "rebound (sparse bundle: shapes unchanged) to" if result["recovery"] == "rebind" else "recovered for"
+            console.print(f"wrote {out}: {result['modules']} modules {how} {result['base']}")
             if merge:
                 console.print(f"wrote {merged_out}: {base} with the adapter merged")
         if as_json:

@@ -4,6 +4,13 @@ For a module with kept output rows ``o`` and kept input columns ``i``:
 ``B_full[o] = B``, ``A_full[:, i] = A``, zeros elsewhere. Then
 ``B_full @ A_full * s`` equals the pruned delta exactly on the kept coordinates and is
 zero elsewhere; r, alpha and every other LoRA setting carry over unchanged.
+
+A sparse bundle (unstructured or N:M, spec 7.3) keeps every dimension, so it has no index
+maps and its adapter already has the base's shapes: recovery only rebinds it to the ORIGINAL
+base (config and card name the base, the bundle tag goes), checking every tensor's shape
+against the base's and writing the tensors bitwise unchanged. Its delta reaches the pruned
+weights too; that is the paper's recovery for LoRAM-Semi / LoRAM-Unst (merged into the dense
+original).
 """
 
 from __future__ import annotations
@@ -383,6 +390,7 @@ def recover_adapter(
         "bundle": str(b.path),
         "bundle_id": b.bundle_id,
         "base": b.base["name_or_path"],
+        "recovery": "rebind" if b.sparsity else "scatter",
         "tensors": len(tensors),
         "modules": len({k.rsplit(".", 2)[0] for k in tensors}),
     }
@@ -390,10 +398,20 @@ def recover_adapter(
 
 def _card(config: dict[str, Any], b: Bundle) -> str:
     metadata = {"base_model": b.base["name_or_path"], "library_name": "peft", "tags": ["lora", "loram", "loram-recovered"]}
+    sparsity = b.sparsity
+    if sparsity:
+        kind = f"{sparsity['pattern']} semi-structured" if sparsity.get("pattern") else "unstructured"
+        how = (
+            f"Trained with LoRAM on the {kind} sparse bundle `{b.bundle_id}`, which keeps the base's\n"
+            "shapes: loramkit rebound it to the original model unchanged (its delta applies to every\n"
+            "weight, pruned or not, as in the paper). Load it with\n"
+        )
+    else:
+        how = (
+            f"Trained with LoRAM on the pruned bundle `{b.bundle_id}` and recovered to the full model's\n"
+            "dimensions by loramkit (zeros on pruned channels). Load it with\n"
+        )
     return compose_card(
         metadata,
-        f"# LoRA adapter for `{b.base['name_or_path']}`\n\n"
-        f"Trained with LoRAM on the pruned bundle `{b.bundle_id}` and recovered to the full model's\n"
-        "dimensions by loramkit (zeros on pruned channels). Load it with\n"
-        "`peft.PeftModel.from_pretrained(base_model, this_dir)`.\n",
+        f"# LoRA adapter for `{b.base['name_or_path']}`\n\n{how}`peft.PeftModel.from_pretrained(base_model, this_dir)`.\n",
     )

@@ -12,6 +12,15 @@ from .bundle.fsutil import check_out_clear, output_lock, recover_leftovers
 from .errors import LoramError, OutputExistsError
 
 
+def check_quantizable(strategy: str) -> None:
+    """``prune --quantize`` of a sparse strategy is refused before any work (spec 7.1: no 4-bit sparse layout)."""
+    if strategy != "structured":
+        raise LoramError(
+            f"quantize does not support sparse bundles (--strategy {strategy}): format 1.2 has no 4-bit layout for "
+            "masked weights; train the sparse bundle in 16 bits, or quantize a structured bundle"
+        )
+
+
 def prune_quantized(
     base_dir: str | Path,
     out_dir: str | Path,
@@ -32,6 +41,7 @@ def prune_quantized(
     from .prune.pruner import prune
     from .quant.convert import quantize_bundle
 
+    check_quantizable(prune_kw.get("strategy", "structured"))
     if quant_type not in qformat.QUANT_TYPES:
         raise LoramError(f"unknown quantization type {quant_type!r}; choose one of {', '.join(qformat.QUANT_TYPES)}")
     out = Path(out_dir)

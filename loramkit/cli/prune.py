@@ -1,4 +1,5 @@
-"""loramkit prune BASE --out BUNDLE --ratio R [--quantize nf4|fp4]"""
+"""loramkit prune BASE --out BUNDLE --ratio R [--quantize nf4|fp4]
+loramkit prune BASE --out BUNDLE --strategy unstructured --ratio R | --strategy semi-structured --pattern N:M"""
 
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ class Importance(str, Enum):
     magnitude = "magnitude"
     taylor = "taylor"
     activation = "activation"
+    wanda = "wanda"
+    sparsegpt = "sparsegpt"
+
+
+class Strategy(str, Enum):
+    """What is removed: whole heads and channels, or single weights (stored sparse; spec 7.3)."""
+
+    structured = "structured"
+    unstructured = "unstructured"
+    semi_structured = "semi-structured"
 
 
 def register(app: typer.Typer) -> None:
@@ -28,10 +39,23 @@ def register(app: typer.Typer) -> None:
     def prune_cmd(
         base: Annotated[str, typer.Argument(help="Base model: directory (config.json + safetensors) or Hub repo id.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")],
-        ratio: Annotated[float, typer.Option(help="Fraction of heads/channels removed per pruned layer, in [0, 1).")],
-        importance: Annotated[Importance, typer.Option(help="How units are ranked (see above).")] = Importance.magnitude,
+        ratio: Annotated[
+            float | None,
+            typer.Option(
+                help="Fraction removed per pruned layer, in [0, 1): of heads/channels (structured), of each projection's "
+                "weights (unstructured); implied by --pattern for semi-structured."
+            ),
+        ] = None,
+        strategy: Annotated[Strategy, typer.Option(help="What is removed (see above).")] = Strategy.structured,
+        pattern: Annotated[
+            str | None, typer.Option(help="N:M for semi-structured: N kept of every M input columns [default: 2:4].")
+        ] = None,
+        importance: Annotated[
+            Importance, typer.Option(help="How units or weights are ranked (see above).")
+        ] = Importance.magnitude,
         calibration: Annotated[
-            Path | None, typer.Option(help="Calibration texts for taylor and activation (.txt passages or .jsonl 'text').")
+            Path | None,
+            typer.Option(help="Calibration texts for taylor, activation, wanda, sparsegpt (.txt passages or .jsonl 'text')."),
         ] = None,
         calibration_samples: Annotated[int, typer.Option(help="Calibration blocks used, fewer when the file holds less.")] = 128,
         seq_len: Annotated[
@@ -69,20 +93,41 @@ def register(app: typer.Typer) -> None:
         token: Token = None,
         as_json: AsJson = False,
     ) -> None:
-        """Prune a base model into a LoRAM bundle (streaming; memory near one tensor).
+        """Prune a base model into a LoRAM bundle (streaming; memory near one tensor, or one layer when calibrated).
 
         \b
-        Importance (--importance):
+        Strategy (--strategy):
+          structured       whole KV groups and MLP channels removed, shapes shrink (LoRAM-Stru, LoRAM-Rand)
+          unstructured     single weights of each projection removed, stored sparse (LoRAM-Unst)
+          semi-structured  N of every M input columns kept, e.g. --pattern 2:4, stored sparse (LoRAM-Semi)
+        \b
+        Importance (--importance), structured:
           random      seeded random units (LoRAM-Rand)
           magnitude   L2 norm of each unit's weights (no calibration)
           taylor      sum of |w * dL/dw| over each unit's weights, L the calibration loss (LoRAM-Stru, LLM-Pruner)
           activation  mean magnitude of each head's and channel's output on calibration text (Minitron; no gradients)
+        \b
+        Importance, unstructured and semi-structured (layer by layer, each on the pruned layers' outputs):
+          magnitude   |w| over the whole projection (no calibration)
+          wanda       |w| * L2 norm of its input feature over the calibration tokens, per output row
+          sparsegpt   SparseGPT: Hessian-based mask per 128-column block and updates of the kept weights
         """
         from ..bundle.model_dir import parse_size
-        from ..pipeline import prune_quantized
+        from ..pipeline import check_quantizable, prune_quantized
         from ..prune.pruner import prune
 
-        check_range("--ratio", ratio, low=0, high=1, high_open=True)
+        if ratio is not None:
+            check_range("--ratio", ratio, low=0, high=1, high_open=True)
+        if strategy is not Strategy.structured:
+            from ..prune.sparse_writer import sparse_settings
+
+            sparse_settings(strategy.value, ratio, pattern, importance.value, calibration)  # refused before any download
+            if quantize is not None:
+                check_quantizable(strategy.value)
+        elif pattern is not None:
+            raise LoramError(f"--pattern {pattern} is for --strategy semi-structured; structured pruning removes whole units")
+        elif ratio is None:
+            raise LoramError("--ratio is required for structured pruning (the fraction of heads and channels removed, e.g. 0.5)")
         check_range("--calibration-samples", calibration_samples, low=1)
         check_range("--seq-len", seq_len, low=1)
         check_range("--keep-first", keep_first, low=0)
@@ -104,7 +149,7 @@ def register(app: typer.Typer) -> None:
         repo, commit = identity(base_path, base)  # a Hub base is recorded by repo id and commit
         base_name, base_revision = base_name or repo, base_revision or commit
         kw = dict(
-            importance=importance.value, calibration=calibration, keep_first=keep_first, keep_last=keep_last,
+            strategy=strategy.value, pattern=pattern, importance=importance.value, calibration=calibration, keep_first=keep_first, keep_last=keep_last,
             seed=seed, device=device, max_shard_size=max_shard_size, base_name=base_name,
             calibration_samples=calibration_samples, calibration_seq_len=seq_len, offload_dir=offload_dir,
             activation_budget=sizes["--activation-budget"],
@@ -119,6 +164,9 @@ def register(app: typer.Typer) -> None:
             return print_json(summary(out))
         p, pl = m["parameters"], m["pruning"]["pruned_layers"]
         layers = f"layers {pl[0]}-{pl[-1]} pruned" if pl else "no layer pruned"
+        if m.get("sparsity"):
+            kind = m["sparsity"]["pattern"] or f"{m['pruning']['ratio']:g} unstructured"
+            layers += f" ({kind}, {len(m['sparsity']['modules'])} projections stored sparse)"
         quantized = f", {m['quantization']['quant_type']} 4-bit" if m["quantization"] else ""
         console.print(
             f"wrote {out}: {p['original']:,} -> {p['pruned']:,} parameters ({p['pruned'] / p['original']:.1%}), "

@@ -546,6 +546,110 @@ def _forward_sweep(
             advance(1)
 
 
+# Projections that read the same input share one statistic: q, k and v read the attention's
+# normed input, gate and up the MLP's; o and down each read their own.
+_INPUT_OF_ROLE = {"q": "attention", "k": "attention", "v": "attention", "o": "o", "gate": "mlp", "up": "mlp", "down": "down"}
+STATISTICS = ("squares", "gram")
+
+
+@dataclass(frozen=True)
+class InputStatistic:
+    """A projection's input over every calibration token: ``value`` is the sum of x_j^2 per
+    feature ``(in,)`` (``squares``) or of x x^T ``(in, in)`` (``gram``), over ``tokens`` rows."""
+
+    value: torch.Tensor
+    tokens: int
+
+
+PruneLayer = Callable[[int, dict[str, tuple[torch.Tensor, InputStatistic]]], dict[str, torch.Tensor]]
+
+
+def sequential_prune(
+    base_dir: Path,
+    arch: ArchSpec,
+    layers: list[int],
+    calib: Calibration,
+    statistic: str,
+    prune_layer: PruneLayer,
+    settings: EngineSettings = EngineSettings(),
+) -> None:
+    """Prune ``layers`` one after the other, each on the inputs the already-pruned layers before it give.
+
+    For each decoder layer up to the last of ``layers``, in order: load it; if it is to be
+    pruned, run every calibration micro-batch through it with hooks summing each projection's
+    input ``statistic``, call ``prune_layer(index, {module path: (weight, statistic)})`` (weights
+    in the engine's dtype; a fused Phi-3 projection once) and put the dense pruned weights it
+    returns into the layer; then run the (pruned) layer over every micro-batch to produce the
+    next layer's input, as SparseGPT's and Wanda's sequential references do. Layers left intact
+    are just run through. Sums accumulate in float32 (float64 when the engine runs in float64).
+    """
+    if statistic not in STATISTICS:
+        raise ValueError(statistic)
+    check_offload_dir(settings.offload_dir)
+    if not layers:
+        return
+    wanted = set(layers)
+    acc_dtype = torch.float64 if settings.dtype == torch.float64 else torch.float32
+    with _engine(base_dir, arch, calib, settings) as (skel, store):
+        batches = _batches(calib.num_samples, settings.micro_batch)
+
+        def statistics(i: int, module: nn.Module) -> dict[str, tuple[nn.Module, InputStatistic]]:
+            """Each projection (module path -> module) with its input statistic from one pass over the calibration."""
+            family, prefix = arch.family, f"{arch.family.layers_prefix}.{i}."
+            sums: dict[str, torch.Tensor] = {}
+            tokens: dict[str, int] = {}
+            hooked: dict[str, str] = {}  # module path -> input it reads
+            handles = []
+            for role in family.modules:
+                rel = family.modules[role]
+                key = _INPUT_OF_ROLE[role]
+                if prefix + rel in hooked:
+                    continue  # a fused module (Phi-3 qkv_proj): one weight, its first role's input
+                hooked[prefix + rel] = key
+                if key in tokens:
+                    continue  # another projection already sums this input
+                tokens[key] = 0
+
+                def add(_m: nn.Module, inp: tuple, key: str = key) -> None:
+                    x = inp[0].reshape(-1, inp[0].shape[-1]).to(acc_dtype)  # (rows * T, in)
+                    if key not in sums:
+                        width = x.shape[1]
+                        shape = (width,) if statistic == "squares" else (width, width)
+                        sums[key] = torch.zeros(shape, dtype=acc_dtype, device=x.device)
+                    if statistic == "squares":
+                        sums[key].add_(x.square().sum(dim=0))
+                    else:
+                        sums[key].addmm_(x.T, x)  # (in, rows * T) @ (rows * T, in)
+                    tokens[key] += x.shape[0]
+
+                handles.append(module.get_submodule(rel).register_forward_pre_hook(add))
+            try:
+                with torch.no_grad():
+                    for start, rows in batches:
+                        skel.run_layer(module, i, store.get(i, start, rows).to(skel.device))
+            finally:
+                for h in handles:
+                    h.remove()
+            return {
+                path: (module.get_submodule(path[len(prefix) :]), InputStatistic(sums[key], tokens[key]))
+                for path, key in hooked.items()
+            }
+
+        @contextlib.contextmanager
+        def prune_before_run(i: int, module: nn.Module) -> Iterator[None]:
+            if i in wanted:
+                stats = statistics(i, module)
+                pruned = prune_layer(i, {path: (m.weight.detach(), s) for path, (m, s) in stats.items()})
+                del stats
+                with torch.no_grad():
+                    for path, weight in pruned.items():
+                        module.get_submodule(path[len(f"{arch.family.layers_prefix}.{i}.") :]).weight.copy_(weight)
+            yield
+
+        upto = max(layers) + 1
+        _forward_sweep(skel, calib, settings, store, upto=upto, keep_from=upto, on_layer=prune_before_run)
+
+
 @contextlib.contextmanager
 def _engine(
     base_dir: Path, arch: ArchSpec, calib: Calibration, settings: EngineSettings
@@ -726,9 +830,12 @@ __all__ = [
     "DEFAULT_SEQ_LEN",
     "DEFINITIONS",
     "EngineSettings",
+    "InputStatistic",
+    "STATISTICS",
     "calibrated_scores",
     "check_offload_dir",
     "final_hidden_states",
     "load_calibration",
     "read_calibration",
+    "sequential_prune",
 ]

@@ -29,6 +29,7 @@ from ..bundle.manifest import INDEX_MAPS_NAME
 from ..bundle.model_dir import INDEX_NAME, Checkpoint, parse_size, plan_shards, shard_names
 from ..bundle.reader import check_written
 from ..bundle.safetensors_io import COPY_CHUNK, DTYPE_NAMES, DTYPES, StreamingWriter, nbytes_of, tensor_sha256_beside
+from ..bundle.sparse import SPARSE_IMPORTANCES
 from ..bundle.writer import copy_base_files, finalize, new_manifest
 from ..errors import BaseModelError, LoramError, OutputExistsError
 from ..families import ArchSpec
@@ -84,11 +85,22 @@ def _order_key(arch: ArchSpec, name: str) -> tuple[int, str]:
     return (-1 if layer is None else layer, name)
 
 
+def _base_names(ckpt: Checkpoint, arch: ArchSpec) -> list[str]:
+    """The base tensors a bundle fingerprints and stores, outside the layers first, then layer by layer.
+
+    base.tensors is what transformers keeps on load (spec 3.2): no tied lm_head copy, no legacy inv_freq.
+    """
+    dropped = lambda n: n.endswith("rotary_emb.inv_freq") or (arch.tie_word_embeddings and n == f"{arch.family.lm_head}.weight")  # noqa: E731
+    return sorted((n for n in ckpt.names() if not dropped(n)), key=lambda n: _order_key(arch, n))
+
+
 def prune(
     base_dir: str | Path,
     out_dir: str | Path,
-    ratio: float,
+    ratio: float | str | None,
     *,
+    strategy: str = "structured",
+    pattern: str | None = None,
     importance: str = "magnitude",
     keep_first: int | None = None,
     keep_last: int | None = None,
@@ -108,9 +120,15 @@ def prune(
     """Prune ``base_dir`` into a new bundle at ``out_dir``; returns the manifest.
 
     Args:
-        ratio: fraction of units removed from each pruned layer, in [0, 1).
-        importance: ``random`` (LoRAM-Rand), ``magnitude``, ``taylor`` (LoRAM-Stru) or
+        ratio: fraction of units removed from each pruned layer, in [0, 1) (unstructured: of
+            the weights of each sparsified projection; semi-structured: implied by ``pattern``).
+        strategy: ``structured`` (LoRAM-Stru/Rand: whole heads and channels, shapes shrink),
+            ``unstructured`` or ``semi-structured`` (LoRAM-Unst/Semi: single weights, stored
+            sparse; see :mod:`loramkit.prune.sparse_writer`).
+        pattern: ``"N:M"`` for semi-structured (default 2:4): N kept of every M input columns.
+        importance: structured: ``random`` (LoRAM-Rand), ``magnitude``, ``taylor`` (LoRAM-Stru) or
             ``activation`` (Minitron); the last two run ``calibration`` through the base.
+            Sparse: ``magnitude``, ``wanda`` or ``sparsegpt`` (the last two calibrated).
         keep_first, keep_last: layers left intact at each end (default 4 and 2, fewer
             for shallow models; see :func:`~loramkit.families.pruning_rules.layers_kept_intact`).
         calibration: text file for ``taylor``/``activation`` (.txt passages or .jsonl with 'text'),
@@ -126,10 +144,29 @@ def prune(
     """
     return_large_blocks_to_os()
     base_dir = Path(base_dir)
-    if importance not in IMPORTANCE_KINDS:
-        raise LoramError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCE_KINDS)}")
     if seed < 0:
         raise LoramError(f"seed must be a non-negative integer, got {seed}")
+    if strategy != "structured":
+        from .sparse_writer import prune_sparse
+
+        return prune_sparse(
+            base_dir, out_dir, ratio, strategy=strategy, pattern=pattern, importance=importance, keep_first=keep_first,
+            keep_last=keep_last, seed=seed, calibration=calibration, calibration_samples=calibration_samples,
+            calibration_seq_len=calibration_seq_len, device=device, offload_dir=offload_dir,
+            activation_budget=activation_budget, max_shard_size=max_shard_size, base_name=base_name,
+            base_revision=base_revision, overwrite=overwrite, show_progress=show_progress,
+        )  # fmt: skip
+    if pattern is not None:
+        raise LoramError(f"--pattern {pattern} is for --strategy semi-structured; structured pruning removes whole units")
+    if ratio is None:
+        raise LoramError("structured pruning needs --ratio (the fraction of heads and channels removed, e.g. 0.5)")
+    if importance not in IMPORTANCE_KINDS:
+        if importance in SPARSE_IMPORTANCES:
+            raise LoramError(
+                f"{importance} ranks single weights: use --strategy unstructured or semi-structured "
+                f"(structured pruning ranks units by {', '.join(IMPORTANCE_KINDS)})"
+            )
+        raise LoramError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCE_KINDS)}")
     if importance in CALIBRATED and calibration is None:
         raise LoramError(f"{importance} importance needs --calibration FILE (texts to run through the base)")
     inputs = [base_dir, calibration, offload_dir]
@@ -233,9 +270,7 @@ def _stream(
     max_shard_bytes: int,
     show_progress: bool,
 ) -> dict[str, Any]:
-    # base.tensors is what transformers keeps on load (spec 3.2): no tied lm_head copy, no legacy inv_freq.
-    dropped = lambda n: n.endswith("rotary_emb.inv_freq") or (arch.tie_word_embeddings and n == f"{arch.family.lm_head}.weight")  # noqa: E731
-    names = sorted((n for n in ckpt.names() if not dropped(n)), key=lambda n: _order_key(arch, n))
+    names = _base_names(ckpt, arch)
     by_layer: dict[int, list[str]] = {}
     for n in names:
         by_layer.setdefault(_order_key(arch, n)[0], []).append(n)

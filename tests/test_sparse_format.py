@@ -514,3 +514,30 @@ def test_quantize_refuses_a_sparse_bundle(make_sparse, tmp_path, capsys):
     rc = cli.run(["quantize", str(d), "--out", str(out)])
     _, err = capsys.readouterr()
     assert rc == 1 and err.splitlines() == [f"error: {msg}"] and not out.exists()
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+def test_inspect_shows_sparsity_and_real_bytes(make_sparse, capsys):
+    """inspect --json carries per module what the text shows per layer: kept weights, mask +
+    values bytes (the stored tensors' own sizes) against the dense weight's bytes."""
+    d = make_sparse(pattern="2:4")
+    assert cli.run(["inspect", str(d), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["sparsity"] == read_manifest(d)["sparsity"] and s["pruning"]["strategy"] == "semi-structured"
+    stored = load_file(d / "model.safetensors")
+    rows = {r["module"]: r for r in s["sparse_modules"]}
+    assert set(rows) == set(s["sparsity"]["modules"])
+    for mod, r in rows.items():
+        packed, values = stored[sparse.mask_key(mod)], stored[sparse.values_key(mod)]
+        out, cols = r["shape"]
+        assert r["kept"] == values.numel() == out * cols // 2 and r["total"] == out * cols and r["sparsity"] == 0.5
+        assert r["bytes"] == packed.numel() + 2 * values.numel() and r["dense_bytes"] == 2 * out * cols
+    assert cli.run(["inspect", str(d)]) == 0
+    text = capsys.readouterr().out
+    assert "semi-structured 2:4, magnitude" in text and "LoRAM-Semi" in text
+    real, dense = sum(r["bytes"] for r in rows.values()), sum(r["dense_bytes"] for r in rows.values())
+    total = next(line for line in text.splitlines() if line.strip("│ ").startswith("total"))
+    assert f"{sum(r['kept'] for r in rows.values()):,} / {sum(r['total'] for r in rows.values()):,}" in total
+    assert f"{real / dense:.2%}" in total

@@ -131,7 +131,7 @@ def _sparse_module_problems(
     out = sformat.layout_problems(module, shape, ckpt.get(sformat.mask_key(module)), nnz, pattern)
     size = shape[0] * shape[1]
     if not out and pattern is None and ratio is not None:
-        # floor per comparison group; the finest group 7.3 defines is one row x 128 columns
+        # floor loses under one weight per comparison group; no rule of 7.3 has more than out * ceil(in / 128) groups
         groups = shape[0] * -(-shape[1] // 128)
         removed = size - nnz
         if not size * ratio - groups < removed <= size * ratio:

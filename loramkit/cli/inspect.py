@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,21 +21,49 @@ def summary(path: Path) -> dict[str, Any]:
     m = b.manifest
     weights = m["weights"]["files"]
     on_disk = {rel: e["size"] for rel, e in m["files"].items()}
-    return {
-        "path": str(b.path),
-        "bundle_id": m["bundle_id"],
-        "format_version": m["format_version"],
-        "created_by": m["created_by"],
-        "base": {k: m["base"][k] for k in ("name_or_path", "revision", "dtype")},
-        "architecture": {k: v for k, v in m["architecture"].items() if k != "layers"},
-        "pruning": m["pruning"],
-        "quantization": m["quantization"],
-        "weights_dtype": m["weights"]["dtype"],
-        "alignment": m["alignment"],
-        "parameters": m["parameters"],
-        "bytes": {"weights": sum(on_disk.get(f, 0) for f in weights), "total": sum(on_disk.values())},
-        "layers": m["architecture"]["layers"],
-    } | ({"quantized_bytes": _quantized_bytes(b)} if m["quantization"] else {})
+    return (
+        {
+            "path": str(b.path),
+            "bundle_id": m["bundle_id"],
+            "format_version": m["format_version"],
+            "created_by": m["created_by"],
+            "base": {k: m["base"][k] for k in ("name_or_path", "revision", "dtype")},
+            "architecture": {k: v for k, v in m["architecture"].items() if k != "layers"},
+            "pruning": m["pruning"],
+            "quantization": m["quantization"],
+            "sparsity": b.sparsity,
+            "weights_dtype": m["weights"]["dtype"],
+            "alignment": m["alignment"],
+            "parameters": m["parameters"],
+            "bytes": {"weights": sum(on_disk.get(f, 0) for f in weights), "total": sum(on_disk.values())},
+            "layers": m["architecture"]["layers"],
+        }
+        | ({"quantized_bytes": _quantized_bytes(b)} if m["quantization"] else {})
+        | ({"sparse_modules": _sparse_modules(b)} if b.sparsity else {})
+    )
+
+
+def _sparse_modules(b: Any) -> list[dict[str, Any]]:
+    """Per sparse module (spec 7.3): kept weights and real bytes (mask + values) against the dense
+    weight's bytes in its base dtype. Read from the safetensors headers only."""
+    from ..bundle import sparse
+    from ..bundle.safetensors_io import nbytes_of
+
+    base = b.base["tensors"]
+    rows = []
+    with b.weights() as ckpt:
+        for mod in sorted(
+            b.sparse_modules, key=lambda x: (b.arch.family.layer_of(x), _ROLE_ORDER.get(x.rsplit(".", 1)[1], 99), x)
+        ):
+            w = base[f"{mod}.weight"]
+            mask, values = ckpt.info(sparse.mask_key(mod)), ckpt.info(sparse.values_key(mod))
+            total = math.prod(w["shape"])
+            kept = values.numel
+            rows.append({
+                "module": mod, "layer": b.arch.family.layer_of(mod), "shape": w["shape"], "kept": kept, "total": total,
+                "sparsity": 1 - kept / total, "bytes": mask.nbytes + values.nbytes, "dense_bytes": nbytes_of(w["dtype"], w["shape"]),
+            })  # fmt: skip
+    return rows
 
 
 def _quantized_bytes(b: Any) -> dict[str, int]:
@@ -92,7 +121,8 @@ def register(app: typer.Typer) -> None:
         head.append(("id", s["bundle_id"]))
         rev = f"@{s['base']['revision']}" if s["base"]["revision"] else ""
         head.append(("base", f"{s['base']['name_or_path']}{rev}  [{a['architecture']}, {s['base']['dtype']}]"))
-        head.append(("pruning", f"{pr['strategy']}, {pr['importance']}, ratio {pr['ratio']}, seed {pr['seed']}, "
+        pattern = f" {s['sparsity']['pattern']}" if s["sparsity"] and s["sparsity"]["pattern"] else ""
+        head.append(("pruning", f"{pr['strategy']}{pattern}, {pr['importance']}, ratio {pr['ratio']}, seed {pr['seed']}, "
                      f"keep first {pr['keep_first']} / last {pr['keep_last']}"))  # fmt: skip
         head.append(("parameters", f"{p['original']:,} -> {p['pruned']:,}  ({p['original'] / p['pruned']:.2f}x fewer)"))
         head.append(
@@ -100,9 +130,17 @@ def register(app: typer.Typer) -> None:
         )
         for i, line in enumerate(_quantization_lines(s)):
             head.append(("quantization" if i == 0 else "", line))
+        if s["sparsity"]:
+            mods = s["sparse_modules"]
+            real, dense = sum(r["bytes"] for r in mods), sum(r["dense_bytes"] for r in mods)
+            head.append(("sparsity", f"{len(mods)} projections in {len({r['layer'] for r in mods})} layers stored as bitmask + "
+                         f"values: {real / 2**20:,.2f} MiB, {dense / 2**20:,.2f} MiB dense ({real / dense:.2%})"))  # fmt: skip
         head.append(("alignment", "none" if s["alignment"] is None else json.dumps(s["alignment"])))
         for key, value in head:
             console.print(f"{key:<13} {value}")
+        if s["sparsity"]:
+            console.print(_sparse_table(s["sparse_modules"]))
+            return _print_plan(s)
         layers = Table(title="layers (kept/original)")
         for col in ("layer", "pruned", "heads", "kv heads", "intermediate"):
             layers.add_column(col, justify="right")
@@ -113,13 +151,47 @@ def register(app: typer.Typer) -> None:
         _print_plan(s)
 
 
+def _sparse_table(mods: list[dict[str, Any]]) -> Table:
+    """Per layer (its sparse projections summed) and in total: kept weights and real vs dense bytes."""
+    table = Table(title="sparse projections per layer (mask + values vs dense)")
+    for col in ("layer", "projections", "kept / weights", "sparsity", "MiB", "dense MiB", "of dense"):
+        table.add_column(col, justify="right")
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for r in mods:
+        groups.setdefault(r["layer"], []).append(r)
+
+    def row(label: str, rs: list[dict[str, Any]]) -> list[str]:
+        kept, total = sum(r["kept"] for r in rs), sum(r["total"] for r in rs)
+        real, dense = sum(r["bytes"] for r in rs), sum(r["dense_bytes"] for r in rs)
+        return [label, str(len(rs)), f"{kept:,} / {total:,}", f"{1 - kept / total:.2%}", f"{real / 2**20:,.2f}",
+                f"{dense / 2**20:,.2f}", f"{real / dense:.2%}"]  # fmt: skip
+
+    for layer, rs in sorted(groups.items()):
+        table.add_row(*row(str(layer), rs))
+    table.add_row(*row("total", mods), style="bold")
+    return table
+
+
 def _print_plan(s: dict[str, Any]) -> None:
     """The `loramkit plan` table for this bundle's model and ratio, with the bundle's actual weight bytes."""
     from ..planner import plan
     from .plan import plan_table
 
     b_config = json.loads((Path(s["path"]) / "config.json").read_text(encoding="utf-8"))
-    pr, q = s["pruning"], s["quantization"]
+    pr, q, sp = s["pruning"], s["quantization"], s["sparsity"]
+    if sp:  # the bundle's own strategy: LoRAM-Unst / LoRAM-Semi rows
+        from ..bundle.sparse import SPARSE_IMPORTANCES
+        from ..planner import SPARSE_METHODS
+
+        if sp["pattern"] is None and pr["importance"] not in SPARSE_IMPORTANCES:
+            return None  # kept counts follow the importance's comparison groups: unknown ones cannot be planned
+
+        p = plan(b_config, None if sp["pattern"] else pr["ratio"], strategy=pr["strategy"], pattern=sp["pattern"],
+                 importance=pr["importance"], keep_first=pr["keep_first"], keep_last=pr["keep_last"])  # fmt: skip
+        method = SPARSE_METHODS[pr["strategy"]]
+        return console.print(
+            plan_table(p, "memory plan (loramkit plan) and this bundle's actual weights", (method, s["bytes"]["weights"]))
+        )
     p = plan(b_config, pr["ratio"], keep_first=pr["keep_first"], keep_last=pr["keep_last"],
              quant_type=q["quant_type"] if q else "nf4")  # fmt: skip
     method = "QLoRAM" if q else "LoRAM"

@@ -138,6 +138,7 @@ def load_pruned_model(
     verify: bool = True,
     attn_implementation: str | None = None,
     compute_dtype: str | torch.dtype | None = "auto",
+    sparse: str = "compressed",
 ) -> nn.Module:
     """Load a bundle's pruned model as the family's ``*ForCausalLM``.
 
@@ -150,6 +151,10 @@ def load_pruned_model(
     full-precision weight); the model is marked ``is_loaded_in_4bit`` so PEFT gives it bnb
     LoRA layers.
 
+    A sparse bundle (format 1.2, ``sparsity``) loads each listed projection as a
+    :class:`~loramkit.model.sparse.SparseLinear` holding its stored mask and kept values
+    (never a dense weight at rest; each forward and backward expands it transiently).
+
     Args:
         dtype: ``"auto"`` (the bundle's), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype;
             for a 4-bit bundle, the dtype of the tensors not stored in 4 bits.
@@ -158,6 +163,9 @@ def load_pruned_model(
             emulated, 15-20x slower, on CPUs without AVX512-BF16/AMX); ``"bundle"``: the
             manifest's whatever the hardware; or a dtype.
         verify: check the weight files against the manifest's sha256 first.
+        sparse: how a sparse bundle's projections load: ``"compressed"`` (mask + values) or
+            ``"dense"`` (zero-filled ``nn.Linear``, the paper's way: the same model, a dense
+            weight's memory; for comparisons such as bench/sparse_memory.py).
 
     Example:
         >>> model = load_pruned_model("llama-loram-0.85", dtype="bfloat16")
@@ -165,6 +173,8 @@ def load_pruned_model(
     import transformers
 
     b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    if sparse not in ("compressed", "dense"):
+        raise ValueError(f"sparse={sparse!r}: use 'compressed' or 'dense'")
     if verify:
         b.verify_weights()
     torch_dtype = _resolve_dtype(dtype, b)
@@ -183,6 +193,8 @@ def load_pruned_model(
     maps = b.index_maps
     shapes = {n: pruned_shape(tuple(t["shape"]), n, maps) for n, t in b.base["tensors"].items()}
     quantization = b.manifest.get("quantization")
+    if quantization is not None and b.sparsity is not None:
+        raise BundleError(f"{b.path}: a bundle is either 4-bit or sparse, this manifest says both; re-create the bundle")
     with b.weights() as ckpt:
         for dims in b.layers:
             if dims.pruned:
@@ -193,6 +205,10 @@ def load_pruned_model(
 
             compute = _compute_dtype(compute_dtype, quantization["compute_dtype"], device)
             done = load_4bit_linears(model, b, ckpt, shapes, device, torch_dtype, compute)
+        if b.sparsity is not None:  # compressed Linears, straight from their mask and values
+            from .sparse import load_sparse_linears
+
+            done = load_sparse_linears(model, b, ckpt, shapes, device, torch_dtype, dense=sparse == "dense")
         expected = dict(model.named_parameters())
         filled: dict[str, int] = {}  # fused expert tensor -> expert slices loaded into it
         for name in ckpt.names():

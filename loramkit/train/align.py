@@ -12,6 +12,11 @@ index file, the same index maps, config and tokenizer byte for byte, and a manif
 seen, steps, hyperparameters and held-out loss before and after. ``base`` and ``index_maps``
 are unchanged, so an adapter trained on the aligned bundle recovers onto the original model.
 
+A sparse bundle (spec 7.3) loads compressed (:class:`loramkit.model.sparse.SparseLinear`):
+what trains of a sparse projection is its kept values, ``W.weight.values``, the name it is
+stored under; its mask is a buffer, copied byte for byte. Pruned weights have no storage, so
+they stay exactly zero, and the aligned bundle keeps ``sparsity`` and ``requires``.
+
 The step loop is :mod:`loramkit.train.loop` (shared with ``loramkit train``): the same data
 order, checkpoints, bitwise resume and DDP under ``torchrun``; ``fsdp=True`` shards the model
 over the processes instead (FSDP2), for a pruned model whose weights, gradients and optimizer

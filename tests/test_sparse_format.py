@@ -2,9 +2,9 @@
 checks, and what ``validate``, the readers and ``quantize`` say of a sparse bundle and of each
 way to break one.
 
-Sparse bundles here are built by :func:`sparsify`, a test-only writer that takes a structured
-ratio-0 bundle (every tensor the base's, bit for bit) and stores chosen projections as
-mask + values with a magnitude mask: the format is tested independently of the pruner.
+Sparse bundles here are written by ``prune --strategy unstructured|semi-structured`` with
+magnitude importance (kept values are the base's, bit for bit); the pruning math itself is
+tested in test_sparse_prune.py.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loramkit import Bundle, cli
-from loramkit.bundle import card, sparse
 from loramkit.bundle import manifest as manifest_mod
+from loramkit.bundle import sparse
 from loramkit.bundle.manifest import bundle_id
 from loramkit.bundle.validate import validate
 from loramkit.bundle.writer import finalize
@@ -150,59 +150,6 @@ def test_layout_problems_counts_padding_and_shape():
 # ---------------------------------------------------------------------------- a sparse bundle
 
 
-def magnitude_mask(weight: torch.Tensor, ratio: Fraction, pattern: tuple[int, int] | None) -> torch.Tensor:
-    """The spec's magnitude rule (7.3): floor(out * in * ratio) lowest |W| of the matrix removed,
-    ties to the lower row-major index; N:M: the M - N lowest of each group of M columns."""
-    out, cols = weight.shape
-    score = weight.float().abs()
-    if pattern is not None:
-        n, m = pattern
-        order = score.view(out, cols // m, m).argsort(dim=-1, stable=True)  # (out, groups, m), lowest first
-        keep = torch.ones(out, cols // m, m, dtype=torch.bool).scatter_(-1, order[..., : m - n], False)
-        return keep.view(out, cols)
-    removed = math.floor(out * cols * ratio)
-    keep = torch.ones(out * cols, dtype=torch.bool)
-    keep[score.flatten().argsort(stable=True)[:removed]] = False
-    return keep.view(out, cols)
-
-
-def sparsify(structured: Path, out: Path, ratio: Fraction = Fraction(1, 2), pattern: str | None = None) -> Path:
-    """Test-only sparse writer: ``structured`` (a ratio-0 bundle) with every projection of the
-    layers between keep_first and keep_last stored as mask + values, manifest updated (7.3)."""
-    shutil.copytree(structured, out)
-    m = json.loads((out / "loram.json").read_text())
-    assert m["pruning"]["pruned_layers"] == [] and m["weights"]["files"] == ["model.safetensors"]
-    b = Bundle(out)
-    first, last = m["pruning"]["keep_first"], m["pruning"]["keep_last"]
-    layers = list(range(first, b.arch.num_hidden_layers - last))
-    modules = [p for i in layers for p in b.arch.family.projections(i)]
-    nm = sparse.parse_pattern(pattern) if pattern else None
-    if nm:
-        ratio = 1 - Fraction(*nm)
-    tensors = load_file(out / "model.safetensors")
-    kept = 0
-    for mod in modules:
-        weight = tensors.pop(f"{mod}.weight")
-        packed, values = sparse.compress(weight, magnitude_mask(weight, ratio, nm))
-        tensors[sparse.mask_key(mod)], tensors[sparse.values_key(mod)] = packed, values
-        kept += weight.numel() - values.numel()
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    m["format_version"] = manifest_mod.FORMAT_VERSION
-    m["requires"] = sorted({*m["requires"], sparse.FEATURE})
-    m["pruning"] |= {
-        "strategy": "semi-structured" if nm else "unstructured",
-        "importance": "magnitude",
-        "ratio": float(ratio),
-        "rounding": "floor",
-        "pruned_layers": layers,
-    }
-    m["parameters"]["pruned"] -= kept
-    m["sparsity"] = {"format": "bitmask", "pattern": pattern, "modules": modules}
-    (out / card.CARD_NAME).write_text(card.render(m), encoding="utf-8")
-    finalize(out, m)
-    return out
-
-
 _CACHE: dict[tuple, Path] = {}
 
 
@@ -214,9 +161,17 @@ def make_sparse(make_base_dir, tmp_path_factory):
     def _make(case: str = CASE, pattern: str | None = None) -> Path:
         key = (case, pattern)
         if key not in _CACHE:
-            root = tmp_path_factory.mktemp(f"sparse_{case}")
-            prune(make_base_dir(case, dtype=DTYPE), root / "structured", 0.0, importance="magnitude", show_progress=False)
-            _CACHE[key] = sparsify(root / "structured", root / "sparse", pattern=pattern)
+            out = tmp_path_factory.mktemp(f"sparse_{case}") / "bundle"
+            strategy = dict(strategy="semi-structured", pattern=pattern) if pattern else dict(strategy="unstructured")
+            prune(
+                make_base_dir(case, dtype=DTYPE),
+                out,
+                None if pattern else 0.5,
+                importance="magnitude",
+                show_progress=False,
+                **strategy,
+            )
+            _CACHE[key] = out
         return _CACHE[key]
 
     return _make
@@ -282,6 +237,20 @@ def test_sparse_bundle_is_sound(make_sparse, make_base_dir, case, pattern):
             assert sparse.layout_problems(mod, tuple(w.shape), packed, values.numel(), (2, 4)) == []
     dense = sum(t.numel() for k, t in base.items() if k.rsplit(".", 1)[0] not in b.sparse_modules or not k.endswith(".weight"))
     assert m["parameters"] == {"original": sum(t.numel() for t in base.values()), "pruned": dense + nnz}
+
+
+@pytest.mark.parametrize("importance", ["wanda", "sparsegpt"])
+def test_calibrated_bundles_validate_without_warnings(make_base_dir, tmp_path, importance):
+    """Wanda and SparseGPT bundles (sparsegpt updates the kept values) are sound, and their
+    per-module removed counts fall within floor rounding of the ratio: no warning."""
+    from loramkit.prune.pruner import prune
+    from tests.factory import sample_texts
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(sample_texts(16, seed=3)) + "\n", encoding="utf-8")
+    prune(make_base_dir(CASE, dtype=DTYPE), tmp_path / "b", 0.55, strategy="unstructured", importance=importance,
+          calibration=calib, calibration_samples=4, calibration_seq_len=32, show_progress=False)  # fmt: skip
+    assert validate(tmp_path / "b") == ([], [])
 
 
 def test_bytes_of_a_half_sparse_bf16_module(make_sparse):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
+from loramkit.bundle.manifest import FORMAT_VERSION
 from loramkit.cli import run
 from loramkit.prune.pruner import prune
 from tests.factory import sample_texts
@@ -66,7 +67,7 @@ def test_publish_train_recover_from_the_repo_id(hub, cache, bundle, local_bundle
     files = hub.commit(REPO)["files"]
     assert {"loram.json", "model.safetensors", "kept_indices.safetensors", "README.md", "config.json"} <= set(files)
     assert files["model.safetensors"]["lfs"]  # weights go through LFS
-    assert hub.head(REPO, "loram-format-v1.1.0") == head  # tagged with the format version
+    assert hub.head(REPO, f"loram-format-v{FORMAT_VERSION}") == head  # tagged with the format version
     card = ModelCard.load(bundle / "README.md")  # read as the Hub reads it
     assert (card.data.base_model, card.data.library_name) == ("meta-llama/Llama-3.1-8B", "loramkit")
     assert card.data.base_model_relation == "finetune" and "loram" in card.data.tags
@@ -121,7 +122,7 @@ def test_republishing_an_unchanged_bundle_makes_no_commit(hub, cache, bundle, ca
     rc, out, _ = _publish(hub, bundle, capsys, "--json")  # one JSON object on stdout, the same facts
     s = json.loads(out)
     assert rc == 0 and (s["commit"], s["commit_url"], s["changed"], s["deleted"]) == (head, None, [], [])
-    assert s["tag"] == "loram-format-v1.1.0" and s["bundle_id"] == json.loads((bundle / "loram.json").read_text())["bundle_id"]
+    assert s["tag"] == f"loram-format-v{FORMAT_VERSION}" and s["bundle_id"] == json.loads((bundle / "loram.json").read_text())["bundle_id"]
 
 
 def test_an_interrupted_upload_completes_on_rerun(hub, cache, bundle, capsys):
@@ -191,4 +192,4 @@ def test_republishing_a_changed_bundle_sends_only_what_changed(hub, cache, bundl
     uploads = [p for m, p in hub.requests if m == "PUT"]
     assert len(uploads) == sum(1 for f in differ if hub.commit(REPO)["files"][f]["lfs"])  # unchanged LFS files: not sent
     assert "notes.txt" not in hub.commit(REPO)["files"]
-    assert hub.head(REPO, "loram-format-v1.1.0") == second["commit"] == hub.head(REPO)
+    assert hub.head(REPO, f"loram-format-v{FORMAT_VERSION}") == second["commit"] == hub.head(REPO)

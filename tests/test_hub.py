@@ -122,7 +122,10 @@ def test_republishing_an_unchanged_bundle_makes_no_commit(hub, cache, bundle, ca
     rc, out, _ = _publish(hub, bundle, capsys, "--json")  # one JSON object on stdout, the same facts
     s = json.loads(out)
     assert rc == 0 and (s["commit"], s["commit_url"], s["changed"], s["deleted"]) == (head, None, [], [])
-    assert s["tag"] == f"loram-format-v{FORMAT_VERSION}" and s["bundle_id"] == json.loads((bundle / "loram.json").read_text())["bundle_id"]
+    assert (
+        s["tag"] == f"loram-format-v{FORMAT_VERSION}"
+        and s["bundle_id"] == json.loads((bundle / "loram.json").read_text())["bundle_id"]
+    )
 
 
 def test_an_interrupted_upload_completes_on_rerun(hub, cache, bundle, capsys):

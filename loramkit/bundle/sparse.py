@@ -120,7 +120,9 @@ def layout_problems(
     number of values, and the N:M constraint (exactly N kept in each group of M columns)."""
     key = mask_key(module)
     if packed.dtype != torch.uint8 or tuple(packed.shape) != mask_shape(shape):
-        return [f"{key}: {packed.dtype} {list(packed.shape)}, expected uint8 {list(mask_shape(shape))} for a {list(shape)} weight"]
+        return [
+            f"{key}: {packed.dtype} {list(packed.shape)}, expected uint8 {list(mask_shape(shape))} for a {list(shape)} weight"
+        ]
     problems = []
     pad = packed.shape[1] * 8 - shape[1]
     if pad and packed[:, -1].bitwise_and(0xFF ^ ((1 << (8 - pad)) - 1)).any():
@@ -138,7 +140,6 @@ def layout_problems(
             if len(bad):
                 r, g = bad[0].tolist()
                 problems.append(
-                    f"{key}: row {r}, columns {g * m}..{g * m + m - 1} keep {int(per_group[r, g])}, "
-                    f"the {n}:{m} pattern keeps {n}"
+                    f"{key}: row {r}, columns {g * m}..{g * m + m - 1} keep {int(per_group[r, g])}, the {n}:{m} pattern keeps {n}"
                 )
     return problems

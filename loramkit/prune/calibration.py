@@ -528,13 +528,14 @@ def _forward_sweep(
     upto: int,
     keep_from: int,
     on_layer: Callable[[int, nn.Module], contextlib.AbstractContextManager] | None = None,
+    label: str = "calibration: forward",
 ) -> None:
     """Embeddings, then layers 0..upto-1; slot i holds layer i's input, kept for i >= keep_from (and slot ``upto``)."""
     batches = _batches(calib.num_samples, settings.micro_batch)
     with skel.embeddings() as embed:
         for start, rows in batches:
             store.put(0, start, embed(calib.ids[start : start + rows]))
-    with progress.task("calibration: forward", upto, unit="layers", show=settings.show_progress) as advance:
+    with progress.task(label, upto, unit="layers", show=settings.show_progress) as advance:
         for i in range(upto):
             with skel.layer(i) as module, on_layer(i, module) if on_layer else contextlib.nullcontext():
                 with torch.no_grad():
@@ -647,7 +648,9 @@ def sequential_prune(
             yield
 
         upto = max(layers) + 1
-        _forward_sweep(skel, calib, settings, store, upto=upto, keep_from=upto, on_layer=prune_before_run)
+        _forward_sweep(
+            skel, calib, settings, store, upto=upto, keep_from=upto, on_layer=prune_before_run, label="calibration: pruning"
+        )
 
 
 @contextlib.contextmanager

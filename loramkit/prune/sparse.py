@@ -25,6 +25,7 @@ from ..errors import LoramError
 
 SPARSEGPT_BLOCKSIZE = 128  # columns per block: the mask of a block is chosen before its updates
 SPARSEGPT_DAMPENING = Fraction(1, 100)  # of the mean of the Hessian's diagonal, added to the diagonal
+_SMALL_BLOCK = 1 << 18  # elements of a block below which its column steps run on one thread
 
 DEFINITIONS = {  # recorded in the manifest as pruning.importance_definition
     "magnitude": (
@@ -192,18 +193,24 @@ def sparsegpt(
             pruned1 = lowest(score.reshape(1, -1), removed(rows * count, ratio)).view(rows, count)
         else:
             pruned1 = torch.zeros(rows, count, dtype=torch.bool, device=W.device)
-        for j in range(count):
-            if pattern is not None and j % pattern[1] == 0:
-                m = pattern[1]
-                score = W1[:, j : j + m].square() / d[j : j + m].square()  # on the weights updated so far
-                pruned1[:, j : j + m] = lowest_per_group(score, *pattern)
-            w = W1[:, j]
-            q = w.clone()
-            q[pruned1[:, j]] = 0
-            Q1[:, j] = q
-            err = (w - q) / d[j]  # (out,)
-            W1[:, j:] -= err.unsqueeze(1) @ U1[j, j:].unsqueeze(0)  # (out, 1) @ (1, count - j)
-            Err1[:, j] = err
+        threads = torch.get_num_threads()
+        if W1.device.type == "cpu" and W1.numel() < _SMALL_BLOCK:
+            torch.set_num_threads(1)  # cache-sized column steps: waking OpenMP threads for each costs more than it saves
+        try:
+            for j in range(count):
+                if pattern is not None and j % pattern[1] == 0:
+                    m = pattern[1]
+                    score = W1[:, j : j + m].square() / d[j : j + m].square()  # on the weights updated so far
+                    pruned1[:, j : j + m] = lowest_per_group(score, *pattern)
+                w = W1[:, j]
+                q = w.clone()
+                q[pruned1[:, j]] = 0
+                Q1[:, j] = q
+                err = (w - q) / d[j]  # (out,)
+                W1[:, j:] -= err.unsqueeze(1) @ U1[j, j:].unsqueeze(0)  # (out, 1) @ (1, count - j)
+                Err1[:, j] = err
+        finally:
+            torch.set_num_threads(threads)
         W[:, b0:b1] = Q1
         W[:, b1:] -= Err1 @ U[b0:b1, b1:]  # the block's errors reach the later columns at once
         keep[:, b0:b1] = ~pruned1

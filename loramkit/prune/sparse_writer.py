@@ -17,6 +17,7 @@ plus its projections' Hessians) and the boundary activations.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -147,16 +148,17 @@ def prune_sparse(
 
         plan = _Plan(ckpt, arch, shapes, importance, r, nm, parse_size(max_shard_size))
         with staged_dir(out_dir, overwrite, inputs=inputs, need_bytes=plan.total_bytes, check=check_written) as tmp:
-            writer = _LayerWriter(plan, tmp, show_progress)
+            writer = _LayerWriter(plan, tmp)
             try:
                 if calib is None:
-                    for i in pruned_idx:
-                        writer.write_until(i)
-                        writer.write_layer(i, _magnitude_layer(writer, i, r, nm))
-                else:
+                    with progress.task("pruning", plan.read_bytes, show=show_progress) as writer.advance:
+                        for i in pruned_idx:
+                            writer.write_layer(i, _magnitude_layer(writer, i, r, nm))
+                        writer.write_until(arch.num_hidden_layers)
+                else:  # the engine's bar counts the layers (one live bar at a time)
                     prune_one = _calibrated_pruner(writer, importance, r, nm, settings.dtype)
                     sequential_prune(base_dir, arch, pruned_idx, calib, _STATISTIC[importance], prune_one, settings)
-                writer.write_until(arch.num_hidden_layers)
+                    writer.write_until(arch.num_hidden_layers)
                 sha = writer.close()
             except BaseException:
                 writer.abort()
@@ -219,6 +221,7 @@ class _Plan:
                 self.entries.append((n, info.dtype, tuple(info.shape)))
         self.shards = plan_shards([(n, nbytes_of(dt, shp)) for n, dt, shp in self.entries], max_shard_bytes)
         self.total_bytes = sum(nbytes_of(dt, shp) for _, dt, shp in self.entries)
+        self.read_bytes = sum(ckpt.info(n).nbytes for n in self.names)
 
     def manifest(
         self, *, base_name: str, base_revision: str | None, pruning: dict, base_tensors: dict, files: list[str]
@@ -273,7 +276,7 @@ class _Plan:
 class _LayerWriter:
     """Writes the planned tensors layer by layer: copies what is not sparsified, stores pruned modules compressed."""
 
-    def __init__(self, plan: _Plan, out: Path, show_progress: bool):
+    def __init__(self, plan: _Plan, out: Path):
         self.plan, self.out, self.ckpt = plan, out, plan.ckpt
         self.files = shard_names(len(plan.shards))
         entry_of = {e[0]: e for e in plan.entries}
@@ -288,8 +291,7 @@ class _LayerWriter:
         biggest = max([0] + [self.ckpt.info(f"{p}.weight").nbytes for p in plan.shapes])
         self.scratch = bytearray(max(COPY_CHUNK, biggest))
         self.base_tensors: dict[str, dict[str, Any]] = {}
-        self._progress = progress.task("pruning", sum(self.ckpt.info(n).nbytes for n in plan.names), show=show_progress)
-        self._advance = self._progress.__enter__()
+        self.advance: Callable[[int], None] = lambda n: None  # base bytes done, for a progress bar
 
     def weight(self, module: str) -> torch.Tensor:
         """A sparsified module's base weight, read into scratch (valid until the next read)."""
@@ -327,12 +329,11 @@ class _LayerWriter:
                 self.writer_of[n].copy_from(self.ckpt.reader_of(n), n, h.update, buffer=self.scratch)
                 digest = h.hexdigest()
             self.base_tensors[n] = {"dtype": info.dtype, "shape": list(info.shape), "sha256": digest}
-            self._advance(info.nbytes)
+            self.advance(info.nbytes)
 
     def close(self) -> dict[str, str]:
         """Finish every shard (and the shard index); the files' sha256."""
         sha = {f: w.close() for f, w in zip(self.files, self.writers)}
-        self._progress.__exit__(None, None, None)
         if len(self.files) > 1:
             weight_map = {n: f for f, shard in zip(self.files, self.plan.shards) for n in shard}
             write_json(self.out / INDEX_NAME, {"metadata": {"total_size": self.plan.total_bytes}, "weight_map": weight_map})
@@ -341,7 +342,6 @@ class _LayerWriter:
     def abort(self) -> None:
         for w in self.writers:
             w.abort()
-        self._progress.__exit__(None, None, None)
 
 
 def _magnitude_layer(

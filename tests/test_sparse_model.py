@@ -285,11 +285,18 @@ def test_load_checks_the_stored_sparse_tensors(sparse_bundle, tmp_path):
 
     _, b = sparse_bundle("2:4")
     module = Bundle(b).sparsity["modules"][0]
-    cases = {
-        "values": lambda t: t.pop(values_key(module)) is None or t.update({values_key(module): torch.zeros(3)}),
-        "pattern": lambda t: t[mask_key(module)].__setitem__((0, 0), 0xFF),  # 8 kept of the first 8 columns
-    }
-    for what, tamper in cases.items():
+
+    def truncate_values(t: dict[str, torch.Tensor]) -> None:
+        t[values_key(module)] = t[values_key(module)][:-1].clone()
+
+    def break_pattern(t: dict[str, torch.Tensor]) -> None:
+        t[mask_key(module)][0, 0] = 0x0F  # columns 0-3 keep 4, 4-7 keep 0: the count holds, 2:4 does not
+
+    def retype_values(t: dict[str, torch.Tensor]) -> None:
+        t[values_key(module)] = t[values_key(module)].half()
+
+    messages = {}
+    for what, tamper in {"values": truncate_values, "pattern": break_pattern, "dtype": retype_values}.items():
         copy = tmp_path / what
         shutil.copytree(b, copy)
         m = json.loads((copy / "loram.json").read_text())
@@ -301,7 +308,12 @@ def test_load_checks_the_stored_sparse_tensors(sparse_bundle, tmp_path):
         finalize(copy, {k: v for k, v in m.items() if k not in ("files", "bundle_id")})
         with pytest.raises(BundleError) as err:
             load_pruned_model(copy)
-        assert "\n" not in str(err.value) and module in str(err.value), str(err.value)
+        messages[what] = str(err.value)
+        assert "\n" not in messages[what] and module in messages[what], messages[what]
+    assert (
+        "values, the mask keeps" in messages["values"] and "columns 0..3 keep 4, the 2:4 pattern keeps 2" in messages["pattern"]
+    )
+    assert "is F16[" in messages["dtype"] and "the manifest implies F32[" in messages["dtype"]
 
 
 # ============================================================================ align and the CLI

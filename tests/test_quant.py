@@ -239,7 +239,7 @@ def test_validate_sound_every_family(shop, case, capsys):
         b = shop.quantized(case, **kw)
         assert validate(b) == ([], []), (case, kw)
     assert cli.run(["validate", str(b)]) == 0
-    assert "sound (format 1.1.0" in capsys.readouterr().out
+    assert f"sound (format {FORMAT_VERSION}" in capsys.readouterr().out
 
 
 def _rewrite(d: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
@@ -329,7 +329,7 @@ def test_a_1_0_bundle_still_reads(shop, tmp_path):
 
 def test_feature_requirements(shop, tmp_path):
     b = shop.quantized()
-    assert Bundle(b).manifest["requires"] == ["quantization"]  # a 1.1.0 4-bit bundle is read
+    assert Bundle(b).manifest["requires"] == ["quantization"]  # a 4-bit bundle is read
     d = copy_dir(b, tmp_path / "unknown")
     _resign(d, lambda m: m.update(requires=["quantization", "something_else"]))
     with pytest.raises(BundleError, match="something_else.*upgrade"):

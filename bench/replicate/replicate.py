@@ -107,6 +107,7 @@ class Settings:
     micro_batch: int = 8
     ratios: tuple[float, ...] = (0.5, 0.75)
     qloram: str = "stru-0.75"  # which aligned bundle goes to NF4
+    sparse: tuple[str, ...] = ("semi-2:4", "unst-0.5")  # SparseGPT bundles: semi-N:M or unst-RATIO
 
 
 QUICK = Settings(pretrain_steps=12, pretrain_batch=4, align_tokens=8_000, ft_steps=6, micro_batch=4)
@@ -232,8 +233,10 @@ class Stages:
 
 
 def _params(directory: Path) -> int:
-    """Parameters stored in a model or bundle directory (safetensors headers only)."""
+    """Parameters stored in a model or bundle directory (safetensors headers only); a sparse weight counts its kept values."""
     from safetensors import safe_open
+
+    from loramkit.bundle.sparse import mask_key, module_of
 
     n = 0
     for f in directory.glob("*.safetensors"):
@@ -241,7 +244,9 @@ def _params(directory: Path) -> int:
             continue
         with safe_open(f, "pt") as st:
             for k in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                n += math.prod(st.get_slice(k).get_shape())
+                module = module_of(k)
+                if module is None or k != mask_key(module):  # the bitmask is layout, not parameters
+                    n += math.prod(st.get_slice(k).get_shape())
     return n
 
 
@@ -291,23 +296,61 @@ def build_family(st: Stages, s: Settings, data: Path) -> dict[str, Any]:
     return out
 
 
+def _bundle_id(directory: Path) -> str:
+    """The bundle's id (its manifest's digest): a stage after a re-run prune or align sees a new id and re-runs."""
+    return json.loads((directory / "loram.json").read_text())["bundle_id"]
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def publish(st: Stages, s: Settings, data: Path, family_stamp: str) -> dict[str, dict[str, Any]]:
-    """The publisher's bundles: ratio-0 bundles for plain LoRA, LoRAM-Rand/Stru at each ratio, aligned, one NF4."""
+def _strategy_args(variant: str, spec: str) -> list[str]:
+    """``loramkit prune`` arguments of a sparse variant: ``semi`` + ``2:4`` (N:M) or ``unst`` + ``0.5`` (ratio)."""
+    if variant == "semi":
+        return ["--strategy", "semi-structured", "--pattern", spec]
+    return ["--strategy", "unstructured", "--ratio", spec]
+
+
+def publish(st: Stages, s: Settings, data: Path, family_stamp: str, needed: Callable[[str], bool]) -> dict[str, dict[str, Any]]:
+    """The publisher's bundles: ratio-0 bundles for plain LoRA, LoRAM-Rand/Stru at each ratio, LoRAM-Semi/Unst, aligned, one NF4.
+
+    ``needed(name)`` says which bundles to build (all, unless only some rows are re-measured).
+    """
     w, fp32 = st.work, ["--precision", "fp32"] if st.device == "cpu" else []
     bundles: dict[str, dict[str, Any]] = {}
 
-    def prune(name: str, base: str, ratio: float, importance: str) -> None:
-        extra = ["--calibration", data / "calibration.txt"] if importance == "taylor" else []
+    def prune(name: str, base: str, ratio: float | str, importance: str, strategy: list[str] | None = None) -> None:
+        if not needed(name):
+            return
+        extra = ["--calibration", data / "calibration.txt"] if importance in ("taylor", "sparsegpt") else []
+        how = strategy or ["--ratio", ratio]
+        # a structured bundle's stamp as before; a sparse one adds its strategy arguments
+        stamp = [family_stamp, ratio, importance, KEEP] + ([strategy] if strategy else [])
         bundles[name] = st.once(
-            f"bundle-{name}", [family_stamp, ratio, importance, KEEP],
-            lambda: {"run": st.loramkit("prune", w / base, "--out", w / "bundles" / name, "--ratio", ratio, "--importance", importance,
+            f"bundle-{name}", stamp,
+            lambda: {"run": st.loramkit("prune", w / base, "--out", w / "bundles" / name, *how, "--importance", importance,
                                         "--seed", 0, "--keep-first", KEEP[0], "--keep-last", KEEP[1], *extra, "--overwrite"),
-                     "parameters": _params(w / "bundles" / name)},
+                     "parameters": _params(w / "bundles" / name), "bundle_id": _bundle_id(w / "bundles" / name)},
         )  # fmt: skip
+
+    def align(name: str, ratio: float | str, importance: str) -> None:
+        if not needed(f"{name}-aligned"):
+            return
+
+        def run() -> dict[str, Any]:
+            out = w / "bundles" / f"{name}-aligned"
+            run = st.loramkit("align", w / "bundles" / name, "--data", data / "align.txt", "--eval-data", data / "general-heldout.txt",
+                              "--out", out, "--description", "5 Shakespeare plays held out of pre-training", "--tokens", s.align_tokens,
+                              "--lr", s.align_lr, "--warmup-steps", s.align_warmup, "--micro-batch", s.micro_batch,
+                              "--seq-len", s.seq_len, *fp32, "--overwrite")  # fmt: skip
+            manifest = json.loads((out / "loram.json").read_text())
+            return {"run": run, "alignment": manifest["alignment"], "parameters": bundles[name]["parameters"],
+                    "bundle_id": manifest["bundle_id"]}  # fmt: skip
+
+        stamp = [family_stamp, ratio, importance, KEEP, s.align_tokens, s.align_lr, s.align_warmup, s.micro_batch, s.seq_len, st.device,
+                 bundles[name]["bundle_id"]]  # fmt: skip
+        bundles[f"{name}-aligned"] = st.once(f"bundle-{name}-aligned", stamp, run)
 
     prune("large-full", "large", 0.0, "magnitude")  # ratio 0: nothing removed, the same trainer as LoRAM
     prune("small-full", "small", 0.0, "magnitude")
@@ -315,40 +358,23 @@ def publish(st: Stages, s: Settings, data: Path, family_stamp: str) -> dict[str,
         for ratio in s.ratios:
             name = f"{variant}-{ratio}"
             prune(name, "large", ratio, importance)
-
-            def align(name: str = name) -> dict[str, Any]:
-                out = w / "bundles" / f"{name}-aligned"
-                run = st.loramkit("align", w / "bundles" / name, "--data", data / "align.txt", "--eval-data", data / "general-heldout.txt",
-                                  "--out", out, "--description", "5 Shakespeare plays held out of pre-training", "--tokens", s.align_tokens,
-                                  "--lr", s.align_lr, "--warmup-steps", s.align_warmup, "--micro-batch", s.micro_batch,
-                                  "--seq-len", s.seq_len, *fp32, "--overwrite")  # fmt: skip
-                manifest = json.loads((out / "loram.json").read_text())
-                return {"run": run, "alignment": manifest["alignment"], "parameters": bundles[name]["parameters"]}
-
-            stamp = [
-                family_stamp,
-                ratio,
-                importance,
-                KEEP,
-                s.align_tokens,
-                s.align_lr,
-                s.align_warmup,
-                s.micro_batch,
-                s.seq_len,
-                st.device,
-            ]
-            bundles[f"{name}-aligned"] = st.once(f"bundle-{name}-aligned", stamp, align)
+            align(name, ratio, importance)
     q = f"{s.qloram}-aligned"
-    bundles[f"{q}-nf4"] = st.once(
-        f"bundle-{q}-nf4", [family_stamp, bundles[q]["alignment"]],
-        lambda: {"run": st.loramkit("quantize", w / "bundles" / q, "--out", w / "bundles" / f"{q}-nf4", "--type", "nf4", "--overwrite"),
-                 "parameters": bundles[q]["parameters"]},
-    )  # fmt: skip
+    if needed(f"{q}-nf4"):
+        bundles[f"{q}-nf4"] = st.once(
+            f"bundle-{q}-nf4", [family_stamp, bundles[q]["alignment"]],
+            lambda: {"run": st.loramkit("quantize", w / "bundles" / q, "--out", w / "bundles" / f"{q}-nf4", "--type", "nf4", "--overwrite"),
+                     "parameters": bundles[q]["parameters"], "bundle_id": _bundle_id(w / "bundles" / f"{q}-nf4")},
+        )  # fmt: skip
+    for name in s.sparse:  # SparseGPT, as the paper's LoRAM-Semi / LoRAM-Unst
+        variant, spec = name.split("-", 1)
+        prune(name, "large", spec, "sparsegpt", _strategy_args(variant, spec))
+        align(name, spec, "sparsegpt")
     for name, b in bundles.items():
         b["bytes"] = sum(
             f.stat().st_size for f in (w / "bundles" / name).glob("*.safetensors") if f.name != "kept_indices.safetensors"
         )
-        b["untuned"] = st.once(f"eval-bundle-{name}-untuned", [family_stamp, b.get("alignment"), name],
+        b["untuned"] = st.once(f"eval-bundle-{name}-untuned", [family_stamp, b.get("alignment"), name, b["bundle_id"]],
                                lambda n=name: st.eval(w / "bundles" / n, data / "task-heldout.txt", s))  # fmt: skip
     return bundles
 
@@ -378,7 +404,7 @@ def user(st: Stages, s: Settings, data: Path, seed: int, bundles: dict[str, Any]
             }  # fmt: skip
             return result
 
-        stamp = [family_stamp, bundles[name].get("alignment"), name, seed, s.rank, s.alpha, s.ft_steps, s.ft_lr, s.ft_warmup,
+        stamp = [family_stamp, bundles[name].get("alignment"), bundles[name]["bundle_id"], name, seed, s.rank, s.alpha, s.ft_steps, s.ft_lr, s.ft_warmup,
                  s.micro_batch, s.seq_len, st.device]  # fmt: skip
         runs[name] = st.once(f"user-{name}-s{seed}", stamp, run)
     return runs
@@ -431,6 +457,11 @@ def summarize(family: dict[str, Any], bundles: dict[str, Any], users: dict[int, 
     return rows
 
 
+def _kind(name: str) -> str:
+    """How a bundle's parameters are stored, after their count: NF4, or sparse (kept values + bitmask)."""
+    return " NF4" if "nf4" in name else " sparse" if name.startswith(("semi", "unst")) else ""
+
+
 def _pm(x: dict[str, float], fmt: str) -> str:
     return f"{x['mean']:{fmt}} ± {x['sd']:{fmt.lstrip('+')}}" if len(x["values"]) > 1 else f"{x['mean']:{fmt}}"
 
@@ -438,12 +469,29 @@ def _pm(x: dict[str, float], fmt: str) -> str:
 def report_markdown(meta: dict[str, Any], family: dict[str, Any], bundles: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     s = meta["settings"]
     seeds = meta["seeds"]
-    lines = [
-        (
-            f"Measured {meta['date']} on {meta['machine']} ({meta['device']}). Compute, every stage summed: "
-            f"{meta['compute_minutes']:.0f} min, of which pre-training {meta['pretraining_minutes']:.0f} min, publisher "
-            f"{meta['publisher_minutes']:.0f} min, user {meta['user_minutes']:.0f} min ({len(seeds)} seed(s))."
-        ),
+
+    def compute(m: dict[str, Any]) -> str:
+        return (f"{m['compute_minutes']:.0f} min, of which pre-training {m['pretraining_minutes']:.0f} min, publisher "
+                f"{m['publisher_minutes']:.0f} min, user {m['user_minutes']:.0f} min")  # fmt: skip
+
+    runs = meta.get("runs", [])
+    if len(runs) < 2:
+        lines = [
+            f"Measured {meta['date']} on {meta['machine']} ({meta['device']}). Compute, every stage summed: {compute(meta)} ({len(seeds)} seed(s))."
+        ]
+    else:
+        labels = {r["name"]: r["label"] for r in rows}
+        lines = [f"Measured on {meta['machine']} ({meta['device']}) in {len(runs)} runs of this script, with the same settings and seeds; "
+                 "each row was measured in one run, the later runs adding or re-measuring rows:"]  # fmt: skip
+        for r in runs:
+            what = ", ".join(labels[n] for n in r["rows"])
+            lines.append(f"- {r['date']}: {what}. Compute, every stage summed: {compute(r)}.")
+            if r.get("family_check"):
+                checks = [f"{name} final loss {c['final_loss'][0]:.6f} -> {c['final_loss'][1]:.6f}, held-out ppl "
+                          f"{c['general_ppl'][0]:.3f} -> {c['general_ppl'][1]:.3f} ({'identical' if c['identical'] else 'NOT identical'})"
+                          for name, c in r["family_check"].items()]  # fmt: skip
+                lines.append(f"  This run pre-trained the family again (earlier run -> this run): {'; '.join(checks)}.")
+    lines += [
         (
             f"Seeds of the user stage (LoRA init, data order, dropout): {', '.join(map(str, seeds))}; "
             "figures are mean ± sd over them. Pre-training seed 0; LoRAM-Rand pruning seed 0."
@@ -479,7 +527,7 @@ def report_markdown(meta: dict[str, Any], family: dict[str, Any], bundles: dict[
         if r["name"] == "small-full":
             final = f"{final} (small)"
         lines.append(
-            f"| {r['label']} | {r['trained_on_parameters'] / 1e6:.1f}M{' NF4' if 'nf4' in r['name'] else ''} | {r['untuned_ppl']:.1f} | "
+            f"| {r['label']} | {r['trained_on_parameters'] / 1e6:.1f}M{_kind(r['name'])} | {r['untuned_ppl']:.1f} | "
             f"{pruned} | **{final}** | {'-' if r['name'] == 'small-full' else _pm(r['vs_small'], '+.2f')} | {_pm(r['acc'], '.3f')} | {r['train_peak_mib']:,.0f} MiB | {r['train_seconds']:.0f} s |"
         )  # fmt: skip
     ref = ", ".join(f"{n} {family[n]['general_heldout']['loss']:.3f}" for n in FAMILY)
@@ -489,7 +537,7 @@ def report_markdown(meta: dict[str, Any], family: dict[str, Any], bundles: dict[
         if "align_general_loss" in r and "nf4" not in r["name"]:
             g = r["align_general_loss"]
             run = bundles[r["name"]]["run"]
-            lines.append(f"| {r['label']} | {r['trained_on_parameters'] / 1e6:.1f}M | {g['before']:.3f} | {g['after']:.3f} | "
+            lines.append(f"| {r['label']} | {r['trained_on_parameters'] / 1e6:.1f}M{_kind(r['name'])} | {g['before']:.3f} | {g['after']:.3f} | "
                          f"{run['peak_rss_bytes'] / 2**20:,.0f} MiB | {run['seconds']:.0f} s |")  # fmt: skip
     lines += ["", "![held-out perplexity](../bench/results/replication.png)", ""]
     return "\n".join(lines)
@@ -523,15 +571,24 @@ def chart(rows: list[dict[str, Any]], bundles: dict[str, Any], path: Path) -> No
     fig.savefig(path, dpi=120)
 
 
-def write_doc(doc: Path, block: str, commands: list[str]) -> None:
-    """Replace the generated part of ``docs/replication.md`` (between markers); the prose around it is hand-written."""
+def write_doc(doc: Path, block: str, commands: list[str], *, keep_old: bool = False) -> None:
+    """Replace the generated part of ``docs/replication.md`` (between markers); the prose around it is hand-written.
+
+    ``keep_old``: the commands listed there stay (rows merged from an earlier run); this run's add the kinds they lack.
+    """
     start, end = "<!-- results:start (bench/replicate/replicate.py writes this part) -->", "<!-- results:end -->"
     text = doc.read_text() if doc.is_file() else f"# LoRAM in miniature\n\n{start}\n{end}\n"
+    if keep_old and "```sh\n" in text.split(start, 1)[1].split(end, 1)[0]:
+        commands = text.split(start, 1)[1].split("```sh\n", 1)[1].split("```", 1)[0].splitlines() + commands
+
+    def kind(c: str) -> str:
+        flags = [f"{f} {c.split(f + ' ')[1].split()[0]}" for f in ("--importance", "--strategy") if f + " " in c]
+        return " ".join([c.split()[1], *flags, str("--adapter" in c)])
+
     kinds: dict[str, str] = {}
     for c in commands:  # one example command of each kind, in run order
         c = re.sub(r"'(\$WORK/[^' ]*)'", r"\1", c)
-        key = c.split()[1] + (" --importance " + c.split("--importance ")[1].split()[0] if "--importance" in c else "")
-        kinds.setdefault(key + str("--adapter" in c), c)
+        kinds.setdefault(kind(c), c)
     cmds = "\n".join(
         ["", "Commands as run (one of each kind; `$WORK` is the work directory):", "", "```sh", *kinds.values(), "```", ""]
     )
@@ -543,6 +600,30 @@ def write_doc(doc: Path, block: str, commands: list[str]) -> None:
 # ---------------------------------------------------------------- main
 
 
+def _family_check(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The re-built family against the one the kept rows were measured on: pre-training losses and held-out perplexity."""
+    out: dict[str, Any] = {}
+    for name in FAMILY:
+        o, n = old[name], new[name]
+        out[name] = {
+            "final_loss": [o["final_loss"], n["final_loss"]],
+            "general_ppl": [o["general_heldout"]["perplexity"], n["general_heldout"]["perplexity"]],
+            "identical": o["loss_curve"] == n["loss_curve"] and o["general_heldout"]["loss"] == n["general_heldout"]["loss"],
+        }
+    return out
+
+
+def merge(
+    old: dict[str, Any], bundles: dict[str, Any], users: dict[int, dict[str, Any]]
+) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """The committed results with this run's rows added or replaced; every other row is kept as it was measured."""
+    seeds = [int(x) for x in old["users"]]
+    if sorted(seeds) != sorted(users):
+        raise SystemExit(f"--only merges into results over seeds {seeds}: run it with --seeds {','.join(map(str, seeds))}")
+    merged_users = {seed: old["users"][str(seed)] | users[seed] for seed in seeds}
+    return old["bundles"] | bundles, merged_users
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "replicate")
@@ -550,12 +631,29 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny budgets to check the pipeline (results not meaningful)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "replication.md")
+    ap.add_argument(
+        "--stop-after", choices=("family", "publish"), help="run the cached stages up to this one, then stop (no report)"
+    )
+    ap.add_argument("--only", help="comma-separated rows to measure (a name selects its -aligned rows too, e.g. semi-2:4,small-full); "
+                                   "they are merged into the existing replication.json, whose other rows are kept as measured")  # fmt: skip
     args = ap.parse_args()
     s = QUICK if args.quick else Settings()
     work = args.work / "quick" if args.quick else args.work
     work.mkdir(parents=True, exist_ok=True)
     seeds = [int(x) for x in args.seeds.split(",")]
+    only = args.only.split(",") if args.only else None
+    results = work if args.quick else ROOT / "bench" / "results"
+    base = results / "replication.json"
+    if args.quick and not base.is_file():  # a pipeline check of --only: merged into the committed rows, written to the work dir
+        base = ROOT / "bench" / "results" / "replication.json"
+    old = json.loads(base.read_text()) if only else None
     t0 = time.perf_counter()
+
+    def selected(name: str) -> bool:
+        return only is None or any(name == x or name.startswith(x + "-") for x in only)
+
+    def needed(name: str) -> bool:  # selected, or the parent of a selected row (the bundle it is aligned or quantized from)
+        return selected(name) or any(x.startswith(name + "-") for x in only or ())
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -571,38 +669,68 @@ def main() -> None:
     family_stamp = hashlib.sha256(
         json.dumps([family["large"], family["small"]], sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
-    bundles = publish(st, s, data, family_stamp)
+    check = _family_check(old["family"], family) if old else None
+    if args.stop_after == "family":
+        log(
+            json.dumps(
+                check
+                or {
+                    n: {"final_loss": f["final_loss"], "general_ppl": f["general_heldout"]["perplexity"]}
+                    for n, f in family.items()
+                }
+            )
+        )
+        return
+    bundles = publish(st, s, data, family_stamp, needed)
+    if args.stop_after == "publish":
+        return
+    bundles = {n: b for n, b in bundles.items() if selected(n)}
     users = {seed: user(st, s, data, seed, bundles, family_stamp) for seed in seeds}
-    rows = summarize(family, bundles, users)
 
     minutes = (time.perf_counter() - t0) / 60
 
     def stage_minutes(*prefixes: str) -> float:
         return sum(v for k, v in st.seconds.items() if k.startswith(prefixes)) / 60
 
-    meta = {
-        "date": date.today().isoformat(),
+    today = date.today().isoformat()
+    run = {
+        "date": today,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "device": args.device,
-        "seeds": seeds,
-        "settings": asdict(s) | {"family": FAMILY, "common": COMMON},
-        "data": meta_data,
+        "rows": list(bundles),
         "compute_minutes": stage_minutes(""),
         "pretraining_minutes": stage_minutes("tokenizer", "pretrain", "eval-large", "eval-small", "data"),
         "publisher_minutes": stage_minutes("bundle-", "eval-bundle"),
         "user_minutes": stage_minutes("user-"),
         "stage_seconds": st.seconds,
     }
-    results = ROOT / "bench" / "results"
-    if args.quick:
-        results = work
+    if old:
+        bundles, users = merge(old, bundles, users)
+        family = old["family"]  # the kept rows were measured on it; run["family_check"] compares this run's
+        measured = {r["name"]: r.get("measured", old["meta"]["date"]) for r in old["rows"]}
+        meta = old["meta"]
+        runs = meta.get("runs") or [{k: meta[k] for k in ("date", "machine", "device", "compute_minutes", "pretraining_minutes",
+                                                          "publisher_minutes", "user_minutes")} | {"rows": list(measured)}]  # fmt: skip
+        for r in runs:
+            r["rows"] = [n for n in r["rows"] if not selected(n)]  # a re-measured row belongs to this run only
+        meta["runs"] = [*runs, run | {"family_check": check}]
+    else:
+        measured = {}
+        meta = {k: run[k] for k in ("date", "machine", "device")} | {
+            "seeds": seeds,
+            "settings": asdict(s) | {"family": FAMILY, "common": COMMON},
+            "data": meta_data,
+        } | {k: v for k, v in run.items() if k.endswith("minutes") or k == "stage_seconds"}  # fmt: skip
+    rows = summarize(family, bundles, users)
+    for r in rows:
+        r["measured"] = today if selected(r["name"]) else measured[r["name"]]
     results.mkdir(parents=True, exist_ok=True)
     (results / "replication.json").write_text(json.dumps({"meta": meta, "family": family, "bundles": bundles, "users": users, "rows": rows},
                                                          indent=1, default=str))  # fmt: skip
     chart(rows, bundles, results / "replication.png")
     block = report_markdown(meta, family, bundles, rows)
     if not args.quick:
-        write_doc(args.doc, block, st.commands)
+        write_doc(args.doc, block, st.commands, keep_old=bool(old))
     print(block)
     log(f"done in {minutes:.1f} min")
 

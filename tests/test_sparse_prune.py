@@ -498,19 +498,25 @@ def test_sparsegpt_bundle(make_base_dir, tmp_path, capsys):
     (["--strategy", "semi-structured", "--pattern", "2:4", "--ratio", "0.6"], "contradicts --pattern 2:4"),
     (["--strategy", "semi-structured", "--pattern", "4:8"], "172 input columns, not a multiple of 8"),
     (["--strategy", "unstructured", "--ratio", "0.5", "--pattern", "2:4"], "is for --strategy semi-structured"),
-    (["--strategy", "unstructured"], "needs --ratio"),
     (["--strategy", "unstructured", "--ratio", "0.5", "--importance", "wanda"], "wanda importance needs --calibration"),
     (["--strategy", "unstructured", "--ratio", "0.5", "--importance", "taylor"], "not 'taylor'"),
     (["--strategy", "unstructured", "--ratio", "0.5", "--quantize", "nf4"], "quantize does not support sparse bundles"),
     (["--ratio", "0.5", "--importance", "sparsegpt"], "ranks single weights"),
     (["--ratio", "0.5", "--pattern", "2:4"], "is for --strategy semi-structured"),
-    ([], "--ratio is required"),
 ])  # fmt: skip
 def test_refusals(make_base_dir, tmp_path, capsys, args, says):
     base = make_base_dir("llama_gqa")
     line = _one_line_error(capsys, "prune", base, "--out", tmp_path / "out", *args)
     assert says in line, line
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("strategy", ["structured", "unstructured"])
+def test_missing_ratio_is_a_usage_error(make_base_dir, tmp_path, capsys, strategy):
+    rc = run(["prune", str(make_base_dir("llama_gqa")), "--out", str(tmp_path / "out"), "--strategy", strategy])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "Missing option '--ratio'" in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_mixture_of_experts_refused(make_base_dir, tmp_path, capsys):

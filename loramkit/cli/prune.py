@@ -8,6 +8,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from ..errors import LoramError
@@ -118,6 +119,9 @@ def register(app: typer.Typer) -> None:
 
         if ratio is not None:
             check_range("--ratio", ratio, low=0, high=1, high_open=True)
+        elif strategy is not Strategy.semi_structured:  # a usage error (exit 2), as when typer required it
+            what = "of heads and channels" if strategy is Strategy.structured else "of each projection's weights"
+            raise click.UsageError(f"Missing option '--ratio': --strategy {strategy.value} needs the fraction {what} removed")
         if strategy is not Strategy.structured:
             from ..prune.sparse_writer import sparse_settings
 
@@ -126,8 +130,6 @@ def register(app: typer.Typer) -> None:
                 check_quantizable(strategy.value)
         elif pattern is not None:
             raise LoramError(f"--pattern {pattern} is for --strategy semi-structured; structured pruning removes whole units")
-        elif ratio is None:
-            raise LoramError("--ratio is required for structured pruning (the fraction of heads and channels removed, e.g. 0.5)")
         check_range("--calibration-samples", calibration_samples, low=1)
         check_range("--seq-len", seq_len, low=1)
         check_range("--keep-first", keep_first, low=0)

@@ -32,7 +32,7 @@ from ..bundle.hashing import config_sha256
 from ..bundle.manifest import INDEX_MAPS_NAME
 from ..bundle.model_dir import INDEX_NAME, Checkpoint, parse_size, plan_shards, shard_names
 from ..bundle.reader import check_written
-from ..bundle.safetensors_io import COPY_CHUNK, DTYPES, StreamingWriter, nbytes_of, tensor_sha256
+from ..bundle.safetensors_io import COPY_CHUNK, DTYPES, StreamingWriter, nbytes_of, tensor_sha256, tensor_sha256_beside
 from ..bundle.writer import copy_base_files, finalize, new_manifest
 from ..errors import LoramError, OutputExistsError
 from ..families import ArchSpec
@@ -81,7 +81,7 @@ def sparse_settings(
         return exact_ratio(ratio), None
     n, m = layout.parse_pattern(pattern or DEFAULT_PATTERN)
     implied = 1 - Fraction(n, m)
-    if ratio is not None and exact_ratio(ratio) != implied:
+    if ratio is not None and float(exact_ratio(ratio)) != float(implied):  # 1:3's 2/3 has no exact float
         raise LoramError(
             f"--ratio {ratio} contradicts --pattern {n}:{m}, which removes {float(implied):g} of the weights; "
             "drop --ratio or give that value"
@@ -153,7 +153,7 @@ def prune_sparse(
                 if calib is None:
                     with progress.task("pruning", plan.read_bytes, show=show_progress) as writer.advance:
                         for i in pruned_idx:
-                            writer.write_layer(i, _magnitude_layer(writer, i, r, nm))
+                            _magnitude_layer(writer, i, r, nm)
                         writer.write_until(arch.num_hidden_layers)
                 else:  # the engine's bar counts the layers (one live bar at a time)
                     prune_one = _calibrated_pruner(writer, importance, r, nm, settings.dtype)
@@ -303,8 +303,11 @@ class _LayerWriter:
         while self.pending and self.pending[0] < layer:
             self.write_layer(self.pending[0], {})
 
-    def write_layer(self, layer: int, pruned: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Write one layer's tensors; ``pruned``: module path -> (kept bool [out, in], dense pruned weight in the base dtype)."""
+    def write_layer(
+        self, layer: int, pruned: dict[str, tuple[torch.Tensor, torch.Tensor]], digests: dict[str, str] | None = None
+    ) -> None:
+        """Write one layer's tensors; ``pruned``: module path -> (kept bool [out, in], dense pruned weight in the
+        base dtype); ``digests``: the base weights' sha256 where the caller took them while reading."""
         self.write_until(layer)
         if not self.pending or self.pending[0] != layer:
             raise RuntimeError(f"layer {layer} written out of order")
@@ -323,7 +326,7 @@ class _LayerWriter:
                     )
                 self.writer_of[layout.mask_key(module)].write(layout.mask_key(module), packed)
                 self.writer_of[layout.values_key(module)].write(layout.values_key(module), values)
-                digest = tensor_sha256(self.weight(module))  # the base's bytes, for base.tensors
+                digest = (digests or {}).get(n) or tensor_sha256(self.weight(module))  # the base's bytes, for base.tensors
             else:  # copied as is, in chunks: embeddings never sit whole in memory
                 h = hashlib.sha256()
                 self.writer_of[n].copy_from(self.ckpt.reader_of(n), n, h.update, buffer=self.scratch)
@@ -344,16 +347,17 @@ class _LayerWriter:
             w.abort()
 
 
-def _magnitude_layer(
-    writer: _LayerWriter, layer: int, ratio: Fraction, pattern: tuple[int, int] | None
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every projection of one layer masked by |W| (kept values are the base's, bit for bit)."""
-    out = {}
+def _magnitude_layer(writer: _LayerWriter, layer: int, ratio: Fraction, pattern: tuple[int, int] | None) -> None:
+    """Mask every projection of one layer by |W| (kept values are the base's, bit for bit) and write the layer;
+    each weight is read once, hashed on a worker thread while it is masked."""
+    out, digests = {}, {}
     for module in writer.plan.arch.family.projections(layer):
         w = writer.weight(module)
+        hashing = tensor_sha256_beside(w)
         keep = magnitude_mask(w, ratio, pattern)
         out[module] = (keep, w.masked_fill(~keep, 0))  # a fresh tensor: scratch is reused by the next read
-    return out
+        digests[f"{module}.weight"] = hashing.result()
+    writer.write_layer(layer, out, digests)
 
 
 def _calibrated_pruner(

@@ -283,7 +283,11 @@ def run_loop(
     if world > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Buffers are constants every rank loads alike (rotary tables, a sparse bundle's masks): broadcasting
+        # them before every forward, DDP's default, would copy every mask each micro-batch.
+        ddp = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
 
     def held_out_loss() -> float:
         return evaluate(model, held_out, pad_id, cfg.micro_batch, cfg.autocast_dtype)["loss"]

@@ -9,6 +9,9 @@ anew each time), magnitude scores are reduced a few units at a time, and the sha
 inputs and outputs run on worker threads beside the scoring and the writes. ``taylor`` and ``activation`` first
 run the calibration text through the base one decoder layer at a time (see
 :mod:`loramkit.prune.calibration`), then stream the same way.
+
+``--strategy unstructured`` and ``semi-structured`` (single weights, stored sparse) are written
+by :mod:`loramkit.prune.sparse_writer`; :func:`prune` is the entry point for all three.
 """
 
 from __future__ import annotations

@@ -170,14 +170,15 @@ def sparsegpt(
     W[:, dead] = 0
     diag = torch.arange(cols, device=H.device)
     H[diag, diag] += float(SPARSEGPT_DAMPENING) * torch.mean(torch.diag(H))
-    try:
-        L = torch.linalg.cholesky(H)
-        U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper factor of H^-1
+    try:  # each step replaces the last: at most two [in, in] matrices alive besides ``h``
+        H = torch.linalg.cholesky(H)
+        H = torch.cholesky_inverse(H)  # H^-1
+        U = torch.linalg.cholesky(H, upper=True)  # its upper factor: row j holds column j's OBS update
     except torch.linalg.LinAlgError:
         raise LoramError(
             f"{what}: its input Hessian is not positive definite even after dampening; use more calibration text"
         ) from None
-    del H, L
+    del H
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     bs = sparsegpt_blocksize(pattern)
     for b0 in range(0, cols, bs):

@@ -26,7 +26,7 @@ from loramkit.model.sparse import SparseLinear, densify
 from loramkit.prune.pruner import prune
 from loramkit.train.setup import enable_activation_checkpointing
 from tests.factory import VOCAB_SIZE, sample_texts
-from tests.lora_helpers import TARGETS
+from tests.lora_helpers import TARGETS, targets_of
 from tests.tolerance import assert_close_eps
 
 CASE = "llama_gqa"
@@ -201,6 +201,25 @@ def test_sparse_bundle_logits_equal_the_base_with_the_same_zeros(sparse_bundle, 
     assert not any(isinstance(m, SparseLinear) for m in model.modules())
     with torch.no_grad():
         assert_close_eps(model(**x).logits, want, 64)
+
+
+def test_every_family_loads_compressed_with_the_base_s_logits_and_lora_keys(make_base_dir, tmp_path, family_case):
+    """Fused projections (Phi-3's qkv_proj, gate_up_proj), biases (Qwen2), Gemma's scaled embeddings: the
+    compressed model is the zero-filled base, and PEFT's adapter on it has the base's keys and shapes."""
+    base = make_base_dir(family_case)
+    prune(base, tmp_path / "b", None, strategy="semi-structured", pattern="2:4", importance="magnitude", show_progress=False)
+    model = load_pruned_model(tmp_path / "b", dtype=torch.float64)
+    assert all(isinstance(model.get_submodule(m), SparseLinear) for m in Bundle(tmp_path / "b").sparsity["modules"])
+    reference = zero_filled_base(base, tmp_path / "b", torch.float64)
+    x = inputs()
+    with torch.no_grad():
+        assert_close_eps(model(**x).logits, reference(**x).logits, 64)
+    targets = targets_of(base)
+    config = dict(r=2, target_modules=targets, init_lora_weights=False)
+    sparse = peft.get_peft_model(model, peft.LoraConfig(**config))
+    dense = peft.get_peft_model(reference, peft.LoraConfig(**config))
+    shapes = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(sparse).items()}
+    assert shapes and shapes == {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(dense).items()}
 
 
 def test_peft_puts_the_same_lora_on_a_sparse_model_as_on_the_dense_base(sparse_bundle, tmp_path):

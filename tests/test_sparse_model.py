@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from loramkit.bundle import Bundle
 from loramkit.bundle.sparse import mask_key, unpack_mask, values_key
+from loramkit.errors import LoramError
 from loramkit.model.loader import load_pruned_model
 from loramkit.model.sparse import SparseLinear, densify
 from loramkit.prune.pruner import prune
@@ -191,6 +192,10 @@ def test_sparse_bundle_logits_equal_the_base_with_the_same_zeros(sparse_bundle, 
     assert not any(isinstance(m, SparseLinear) for n, m in model.named_modules() if n.startswith("model.layers.0."))
     # The compressed model holds nnz values per module, never a dense weight: parameters == the manifest's kept count.
     assert model.num_parameters() == json.loads((b / "loram.json").read_text())["parameters"]["pruned"]
+    as_stored = load_pruned_model(b)  # the bundle's dtype
+    held = sum(t.nbytes for m in modules for t in as_stored.get_submodule(m).state_dict().values())
+    on_disk = sum(stored_tensor(b, k).nbytes for m in modules for k in (mask_key(m), values_key(m)))
+    assert held == on_disk  # in memory exactly what the bundle stores
     reference = zero_filled_base(base, b, torch.float64)
     x = inputs()
     with torch.no_grad():
@@ -232,6 +237,8 @@ def test_peft_puts_the_same_lora_on_a_sparse_model_as_on_the_dense_base(sparse_b
     assert any(k.endswith("layers.3.self_attn.q_proj.lora_A.weight") for k in keys)
     lora_of = sparse.get_submodule("base_model.model.model.layers.3.mlp.down_proj")
     assert isinstance(lora_of, peft.tuners.lora.Linear) and isinstance(lora_of.base_layer, SparseLinear)
+    with pytest.raises(LoramError, match="^a compressed sparse weight has no dense tensor"):
+        sparse.merge_and_unload()  # PEFT's merge needs a dense weight: one clear line, not a shape error
     # A saved adapter loads back on a fresh sparse model and on the dense base with no missing or unexpected keys.
     sparse.save_pretrained(tmp_path / "adapter")
     for model in (load_pruned_model(b), AutoModelForCausalLM.from_pretrained(base)):

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from ..bundle import Bundle
 from ..bundle.model_dir import Checkpoint
 from ..bundle.sparse import expand, expected_entries, layout_problems, mask_key, parse_pattern, unpack_mask, values_key
-from ..errors import BundleError
+from ..errors import BundleError, LoramError
 
 __all__ = ["SparseLinear", "SparseWeight", "densify", "load_sparse_linears"]
 
@@ -76,6 +76,14 @@ class SparseWeight(nn.Module):
     @property
     def nnz(self) -> int:
         return self.values.numel()
+
+    @property
+    def data(self) -> torch.Tensor:
+        """Refused: code reaching for the dense tensor (PEFT's merge) gets one clear line, not a wrong shape."""
+        raise LoramError(
+            "a compressed sparse weight has no dense tensor to change in place: merge adapters into the original "
+            "base (loramkit recover --merge), or densify(model) first (loramkit.model.sparse)"
+        )
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense ``[out, in]`` weight (kept values, zeros elsewhere): a new tensor, not kept."""

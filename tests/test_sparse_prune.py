@@ -320,6 +320,18 @@ def test_bf16_base_keeps_its_bits(tmp_path):
         assert same_bits(dense, base_w[f"{p}.weight"].masked_fill(~keep, 0)), p
 
 
+def test_pattern_whose_ratio_has_no_exact_float(tmp_path):
+    """1:3 removes 2/3: the manifest records the nearest float, which validate and a repeated --ratio accept."""
+    base = make_base(
+        tmp_path / "base", "llama_mha", hidden_size=48, intermediate_size=120, num_attention_heads=6, num_key_value_heads=6
+    )
+    m = prune(base, tmp_path / "b", None, strategy="semi-structured", pattern="1:3", show_progress=False)
+    assert m["pruning"]["ratio"] == 2 / 3
+    check_sparse_bundle(tmp_path / "b", base, "semi-structured", "magnitude")
+    again = prune(base, tmp_path / "c", m["pruning"]["ratio"], strategy="semi-structured", pattern="1:3", show_progress=False)
+    assert again["bundle_id"] == m["bundle_id"]
+
+
 def test_sparse_bundle_logits_equal_the_dense_base_with_the_same_zeros(make_base_dir, tmp_path):
     """The stored masks and values, put back into the base's weights, are exactly the pruned model."""
     from loramkit.model.loader import load_pruned_model

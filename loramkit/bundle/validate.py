@@ -106,7 +106,7 @@ def _check_sparse_record(m: dict, arch: ArchSpec, layers: list[LayerDims], probl
         except LoramError as exc:
             problems.append(f"sparsity.pattern: {exc}")
             return
-        if exact_ratio(pr["ratio"]) != 1 - Fraction(n, m_):
+        if pr["ratio"] != float(1 - Fraction(n, m_)):  # the float nearest: 1:3's 2/3 has no exact one
             problems.append(f"pruning.ratio {pr['ratio']} is not 1 - N/M = {1 - Fraction(n, m_)} of the {n}:{m_} pattern")
 
 

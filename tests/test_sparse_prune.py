@@ -478,6 +478,20 @@ def test_wanda_bundle_follows_the_sequential_reference(make_base_dir, tmp_path):
             assert gap <= 64 * torch.finfo(torch.float32).eps * float(score[r].max()), f"{p} row {r}: gap {gap:.3g}"
 
 
+def test_spilled_boundaries_give_the_same_bundle(make_base_dir, tmp_path):
+    """Boundary activations on disk (--activation-budget 0) or in memory: the same bytes, the same bundle."""
+    base = make_base_dir("gemma3")
+    calib = _calib_file(tmp_path)
+    (tmp_path / "spill").mkdir()
+    ids = [
+        prune(base, tmp_path / name, 0.5, strategy="unstructured", importance="sparsegpt", calibration=calib, calibration_samples=3,
+              calibration_seq_len=32, show_progress=False, **extra)["bundle_id"]
+        for name, extra in (("mem", {}), ("disk", {"activation_budget": 0, "offload_dir": tmp_path / "spill"}))
+    ]  # fmt: skip
+    assert ids[0] == ids[1]
+    assert list((tmp_path / "spill").iterdir()) == []  # the spilled boundaries are removed
+
+
 def test_sparsegpt_bundle(make_base_dir, tmp_path, capsys):
     """2:4 SparseGPT through the CLI: a valid bundle, kept values updated (OBS), reproducible bit for bit."""
     base = make_base_dir("llama_gqa")

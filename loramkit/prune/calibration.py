@@ -15,7 +15,10 @@ memory (140 GB for a 70B base in bf16). Here the model never exists whole:
 - **reverse sweep** (Taylor): loss from final norm + lm_head, then from the last layer to the
   first: recompute the layer's forward from its stored input, backpropagate the output
   gradient, accumulate the weight gradients over all micro-batches, reduce them to unit
-  scores, and hand the input gradient down (it overwrites the input in the store).
+  scores, and hand the input gradient down (it overwrites the input in the store);
+- **pruning sweep** (Wanda, SparseGPT: :func:`sequential_prune`): the forward sweep, where each
+  layer to be pruned runs twice over every micro-batch: once with hooks summing its
+  projections' input statistics, then, pruned, to produce the next layer's input.
 
 Peak memory: one decoder layer (weights in the compute dtype + gradient accumulators of the
 pruned projections) + one micro-batch's activations through it + the in-memory boundaries

@@ -149,6 +149,16 @@ def test_sparse_kept_rounds_down_what_each_group_removes():
     assert sparse_kept((6, 12), Fraction(2, 3), "magnitude", (1, 3)) == 6 * 4
 
 
+def test_semi_structured_ratio_may_be_given_as_the_float_nearest_one_minus_n_over_m():
+    p = _sparse("llama-2-13b", strategy="semi-structured", pattern="1:4", ratio=0.75)
+    assert p["ratio"] == 0.75 and p["pattern"] == "1:4"
+    from fractions import Fraction
+
+    from loramkit.planner import sparse_ratio
+
+    assert sparse_ratio("semi-structured", repr(2 / 3), "1:3") == (Fraction(2, 3), (1, 3))  # 2/3 has no exact decimal
+
+
 def test_sparse_real_bytes_are_values_masks_and_the_dense_rest():
     p = _sparse("llama-2-13b", strategy="semi-structured", pattern="2:4")
     masks = 40 * sum(o * (i // 8) for o, i in L13_PROJECTIONS)  # one bit per weight, 5120 and 13824 are multiples of 8
@@ -218,3 +228,36 @@ def test_cli_plan_sparse_rows(capsys):
     assert run(["plan", str(path), "--strategy", "semi-structured", "--pattern", "2:4", "--ratio", "0.3"]) == 1
     assert run(["plan", str(path), "--pattern", "2:4"]) == 1  # structured takes a ratio, not a pattern
     assert run(["plan", str(path), "--strategy", "sideways", "--ratio", "0.5"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("kw", "method"),
+    [
+        (dict(strategy="unstructured", ratio=0.55, importance="magnitude"), "LoRAM-Unst"),
+        (dict(strategy="unstructured", ratio=0.55, importance="wanda"), "LoRAM-Unst"),
+        (dict(strategy="unstructured", ratio=0.55, importance="sparsegpt"), "LoRAM-Unst"),
+        (dict(strategy="semi-structured", ratio=None, pattern="2:4", importance="magnitude"), "LoRAM-Semi"),
+    ],
+    ids=["magnitude", "wanda", "sparsegpt", "2:4"],
+)
+def test_sparse_rows_equal_a_real_bundle(make_base_dir, tmp_path, kw, method):
+    """The planner's kept counts and compressed bytes are the pruner's, on shapes where the groups
+    do not divide evenly (q 256 x 64, gate 172 x 64, down 64 x 172: a last SparseGPT block of 44)."""
+    import torch
+
+    from loramkit.bundle import Bundle
+    from loramkit.prune.pruner import prune
+
+    base = make_base_dir("llama_gqa", dtype=torch.bfloat16)
+    calibration = tmp_path / "calib.txt"
+    calibration.write_text("\n\n".join(f"sample text number {i} for the calibration of a sparse bundle" for i in range(8)))
+    calibrated = kw["importance"] != "magnitude"
+    extra = dict(calibration=calibration, calibration_samples=3, calibration_seq_len=16) if calibrated else {}
+    kw = dict(kw)
+    m = prune(base, tmp_path / "b", kw.pop("ratio"), keep_first=2, keep_last=1, show_progress=False, **kw, **extra)
+    p = plan(json.loads((base / "config.json").read_text()), m["pruning"]["ratio"], keep_first=2, keep_last=1, **kw)
+    assert p["pruned_layers"] == m["pruning"]["pruned_layers"]
+    assert p["pruned_parameters"] == m["parameters"]["pruned"] and p["original_parameters"] == m["parameters"]["original"]
+    with Bundle(tmp_path / "b").weights() as ckpt:
+        stored = sum(ckpt.info(n).nbytes for n in ckpt.names())
+    assert _row(p, method)["storage_real"] == stored

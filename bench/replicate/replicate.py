@@ -250,8 +250,8 @@ def _params(directory: Path) -> int:
     return n
 
 
-def build_family(st: Stages, s: Settings, data: Path) -> dict[str, Any]:
-    """Tokenizer, then the large and small models pre-trained on the same tokens."""
+def build_family(st: Stages, s: Settings, data: Path, models: list[str]) -> dict[str, Any]:
+    """Tokenizer, then the large and small models (those of ``models``) pre-trained on the same tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from loramkit.train.data import load_examples
@@ -264,7 +264,8 @@ def build_family(st: Stages, s: Settings, data: Path) -> dict[str, Any]:
 
     st.once("tokenizer", {"vocab": COMMON["vocab_size"], "corpus": _digest(data / "pretrain.txt")}, tokenizer)
     out: dict[str, Any] = {}
-    for name, shape in FAMILY.items():
+    for name in models:
+        shape = FAMILY[name]
 
         def build(name: str = name, shape: dict = shape) -> dict[str, Any]:
             tok = AutoTokenizer.from_pretrained(st.work / "tokenizer")
@@ -432,8 +433,9 @@ def summarize(family: dict[str, Any], bundles: dict[str, Any], users: dict[int, 
         return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
 
     for name, b in bundles.items():
-        per_seed = [users[seed][name] for seed in seeds]
-        small = [users[seed]["small-full"]["recovered"]["perplexity"] for seed in seeds]
+        have = [seed for seed in seeds if name in users[seed]]  # a row merged from a shorter run may lack seeds
+        per_seed = [users[seed][name] for seed in have]
+        small = [users[seed]["small-full"]["recovered"]["perplexity"] for seed in have]
 
         row = {
             "name": name,
@@ -603,7 +605,7 @@ def write_doc(doc: Path, block: str, commands: list[str], *, keep_old: bool = Fa
 def _family_check(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """The re-built family against the one the kept rows were measured on: pre-training losses and held-out perplexity."""
     out: dict[str, Any] = {}
-    for name in FAMILY:
+    for name in new:  # the models this run pre-trained
         o, n = old[name], new[name]
         out[name] = {
             "final_loss": [o["final_loss"], n["final_loss"]],
@@ -632,7 +634,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "replication.md")
     ap.add_argument(
-        "--stop-after", choices=("family", "publish"), help="run the cached stages up to this one, then stop (no report)"
+        "--stop-after", choices=("family", "publish", "users"), help="run the cached stages up to this one, then stop (no report)"
     )
     ap.add_argument("--only", help="comma-separated rows to measure (a name selects its -aligned rows too, e.g. semi-2:4,small-full); "
                                    "they are merged into the existing replication.json, whose other rows are kept as measured")  # fmt: skip
@@ -665,10 +667,10 @@ def main() -> None:
 
         shutil.copytree(args.work / "data", work / "data", dirs_exist_ok=True)
     data = work / "data"
-    family = build_family(st, s, data)
-    family_stamp = hashlib.sha256(
-        json.dumps([family["large"], family["small"]], sort_keys=True, default=str).encode()
-    ).hexdigest()[:16]
+    # merging rows of the large model only: the small sibling is not pre-trained again
+    models = [n for n in FAMILY if old is None or n == "large" or selected(f"{n}-full")]
+    family = build_family(st, s, data, models)
+    family_stamp = hashlib.sha256(json.dumps([family[n] for n in models], sort_keys=True, default=str).encode()).hexdigest()[:16]
     check = _family_check(old["family"], family) if old else None
     if args.stop_after == "family":
         log(
@@ -686,6 +688,8 @@ def main() -> None:
         return
     bundles = {n: b for n, b in bundles.items() if selected(n)}
     users = {seed: user(st, s, data, seed, bundles, family_stamp) for seed in seeds}
+    if args.stop_after == "users":  # e.g. one seed per process; a later run with every seed finds them cached
+        return
 
     minutes = (time.perf_counter() - t0) / 60
 

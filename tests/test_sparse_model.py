@@ -26,8 +26,9 @@ from loramkit.model.loader import load_pruned_model
 from loramkit.model.sparse import SparseLinear, densify
 from loramkit.prune.pruner import prune
 from loramkit.train.setup import enable_activation_checkpointing
-from tests.factory import VOCAB_SIZE, sample_texts
+from tests.factory import sample_texts
 from tests.lora_helpers import TARGETS, targets_of
+from tests.test_loader import inputs  # 3 x 20 seeded ids, one row right-padded
 from tests.tolerance import assert_close_eps
 
 CASE = "llama_gqa"
@@ -80,13 +81,6 @@ def zero_filled_base(base: Path, bundle: Path, dtype: torch.dtype) -> nn.Module:
         for module, mask in masks_of(bundle).items():
             model.get_submodule(module).weight[~mask] = 0
     return model
-
-
-def inputs(batch: int = 3, length: int = 20) -> dict[str, torch.Tensor]:
-    ids = torch.randint(4, VOCAB_SIZE, (batch, length), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones_like(ids)
-    mask[1, -6:] = 0  # some right padding
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def lora(model: nn.Module, seed: int = 0) -> nn.Module:

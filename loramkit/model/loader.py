@@ -7,6 +7,9 @@ straight into place. Attention stays correct because whole KV groups are pruned,
 H / H_kv is unchanged; where a forward reads the head counts themselves (Phi-3 splits
 its fused qkv by ``config.num_attention_heads``), the pruned layer's attention gets its
 own counts (module attributes and a per-layer view of the config).
+
+A sparse bundle (unstructured or N:M, spec 7.3) keeps every shape: its pruned projections
+become compressed Linears holding the stored mask and kept values (:mod:`loramkit.model.sparse`).
 """
 
 from __future__ import annotations

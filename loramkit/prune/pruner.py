@@ -45,6 +45,7 @@ from .calibration import (
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
     DEFINITIONS,
+    Calibration,
     EngineSettings,
     calibrated_scores,
     check_offload_dir,
@@ -186,12 +187,10 @@ def prune(
         calib_record = None
         taylor: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if importance in CALIBRATED:
-            offload = None if offload_dir is None else Path(offload_dir)
-            check_offload_dir(offload)
-            max_pos = ckpt.config.get("max_position_embeddings")
-            seq_len = calibration_seq_len or min(DEFAULT_SEQ_LEN, max_pos or DEFAULT_SEQ_LEN)
-            calib = load_calibration(Path(calibration), base_dir, max_pos, calibration_samples, seq_len)
-            settings = EngineSettings(device=device, budget=activation_budget, offload_dir=offload, show_progress=show_progress)
+            calib, settings = calibration_run(
+                ckpt, base_dir, calibration, calibration_samples, calibration_seq_len, device, offload_dir,
+                activation_budget, show_progress,
+            )  # fmt: skip
             taylor = calibrated_scores(base_dir, arch, pruned_idx, calib, importance, settings)
             calib_record = calib.record()
 
@@ -223,6 +222,41 @@ def prune(
             return finalize(tmp, manifest, manifest.pop("_sha256"))
     finally:
         ckpt.close()
+
+
+def calibration_run(
+    ckpt: Checkpoint,
+    base_dir: Path,
+    calibration: str | Path,
+    samples: int,
+    seq_len: int | None,
+    device: str,
+    offload_dir: str | Path | None,
+    budget: int,
+    show_progress: bool,
+) -> tuple[Calibration, EngineSettings]:
+    """The calibration blocks (``seq_len`` default 512, or the model's max positions when fewer) and the engine's settings."""
+    offload = None if offload_dir is None else Path(offload_dir)
+    check_offload_dir(offload)
+    max_pos = ckpt.config.get("max_position_embeddings")
+    seq_len = seq_len or min(DEFAULT_SEQ_LEN, max_pos or DEFAULT_SEQ_LEN)
+    calib = load_calibration(Path(calibration), base_dir, max_pos, samples, seq_len)
+    return calib, EngineSettings(device=device, budget=budget, offload_dir=offload, show_progress=show_progress)
+
+
+def architecture_record(arch: ArchSpec, layers: list[LayerDims]) -> dict[str, Any]:
+    """The manifest's ``architecture``: the base's shape and each layer's original and kept dims."""
+    return {
+        "family": arch.family.name,
+        "model_type": arch.model_type,
+        "architecture": arch.architecture,
+        "hidden_size": arch.hidden_size,
+        "num_hidden_layers": arch.num_hidden_layers,
+        "head_dim": arch.head_dim,
+        "vocab_size": arch.vocab_size,
+        "tie_word_embeddings": arch.tie_word_embeddings,
+        "layers": [d.to_json() for d in layers],
+    }
 
 
 def _square(w: torch.Tensor) -> torch.Tensor:
@@ -374,17 +408,7 @@ def _stream(
             "num_parameters": sum(numel(ckpt.info(n).shape) for n in names),
             "tensors": base_tensors,
         },
-        architecture={
-            "family": arch.family.name,
-            "model_type": arch.model_type,
-            "architecture": arch.architecture,
-            "hidden_size": arch.hidden_size,
-            "num_hidden_layers": arch.num_hidden_layers,
-            "head_dim": arch.head_dim,
-            "vocab_size": arch.vocab_size,
-            "tie_word_embeddings": arch.tie_word_embeddings,
-            "layers": [d.to_json() for d in layers],
-        },
+        architecture=architecture_record(arch, layers),
         parameters={
             "original": sum(numel(ckpt.info(n).shape) for n in names),
             "pruned": sum(numel(shp) for _, _, shp in out_entries),

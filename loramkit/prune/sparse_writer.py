@@ -41,14 +41,10 @@ from ..families.pruning_rules import exact_ratio, layers_kept_intact
 from .calibration import (
     DEFAULT_BUDGET,
     DEFAULT_SAMPLES,
-    DEFAULT_SEQ_LEN,
-    EngineSettings,
     InputStatistic,
-    check_offload_dir,
-    load_calibration,
     sequential_prune,
 )
-from .pruner import _base_names, _check_tensors, _order_key
+from .pruner import _base_names, _check_tensors, _order_key, architecture_record, calibration_run
 from .sparse import DEFINITIONS, hessian, kept_count, magnitude_mask, sparsegpt, wanda_mask
 
 CALIBRATED = ("wanda", "sparsegpt")
@@ -139,12 +135,10 @@ def prune_sparse(
 
         calib, settings = None, None
         if importance in CALIBRATED:
-            offload = None if offload_dir is None else Path(offload_dir)
-            check_offload_dir(offload)
-            max_pos = ckpt.config.get("max_position_embeddings")
-            seq_len = calibration_seq_len or min(DEFAULT_SEQ_LEN, max_pos or DEFAULT_SEQ_LEN)
-            calib = load_calibration(Path(calibration), base_dir, max_pos, calibration_samples, seq_len)
-            settings = EngineSettings(device=device, budget=activation_budget, offload_dir=offload, show_progress=show_progress)
+            calib, settings = calibration_run(
+                ckpt, base_dir, calibration, calibration_samples, calibration_seq_len, device, offload_dir,
+                activation_budget, show_progress,
+            )  # fmt: skip
 
         plan = _Plan(ckpt, arch, shapes, importance, r, nm, parse_size(max_shard_size))
         with staged_dir(out_dir, overwrite, inputs=inputs, need_bytes=plan.total_bytes, check=check_written) as tmp:
@@ -234,6 +228,7 @@ class _Plan:
         sparse_weights = {f"{p}.weight" for p in self.shapes}
         dense = sum(numel(ckpt.info(n).shape) for n in self.names if n not in sparse_weights)
         H, Hkv, I = arch.num_attention_heads, arch.num_key_value_heads, arch.intermediate_size
+        unchanged = [LayerDims(i, False, (H, H), (Hkv, Hkv), (I, I)) for i in range(arch.num_hidden_layers)]
         return new_manifest(
             requires=[layout.FEATURE],
             base={
@@ -244,18 +239,7 @@ class _Plan:
                 "num_parameters": original,
                 "tensors": base_tensors,
             },
-            architecture={
-                "family": arch.family.name,
-                "model_type": arch.model_type,
-                "architecture": arch.architecture,
-                "hidden_size": arch.hidden_size,
-                "num_hidden_layers": arch.num_hidden_layers,
-                "head_dim": arch.head_dim,
-                "vocab_size": arch.vocab_size,
-                "tie_word_embeddings": arch.tie_word_embeddings,
-                # No structural change: every layer keeps its heads and channels (spec 7.3).
-                "layers": [LayerDims(i, False, (H, H), (Hkv, Hkv), (I, I)).to_json() for i in range(arch.num_hidden_layers)],
-            },
+            architecture=architecture_record(arch, unchanged),  # no structural change (spec 7.3)
             pruning=pruning,
             parameters={"original": original, "pruned": dense + sum(self.nnz.values())},
             weights={

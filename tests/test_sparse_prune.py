@@ -492,6 +492,29 @@ def test_spilled_boundaries_give_the_same_bundle(make_base_dir, tmp_path):
     assert list((tmp_path / "spill").iterdir()) == []  # the spilled boundaries are removed
 
 
+def test_failure_midway_leaves_nothing(make_base_dir, tmp_path, monkeypatch):
+    """A failure while layers are being written (here: the third pruned layer) leaves no output, no spill, no scratch."""
+    import loramkit.prune.sparse_writer as writer_mod
+
+    base = make_base_dir("llama_gqa")
+    calls = []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) > 14:  # seven projections a layer: two layers are already written
+            raise RuntimeError("boom")
+        return sparse.sparsegpt(*args, **kw)
+
+    monkeypatch.setattr(writer_mod, "sparsegpt", failing)
+    (tmp_path / "spill").mkdir()
+    with pytest.raises(RuntimeError, match="boom"):
+        prune(base, tmp_path / "out", 0.5, strategy="unstructured", importance="sparsegpt", calibration=_calib_file(tmp_path),
+              calibration_samples=2, calibration_seq_len=16, activation_budget=0, offload_dir=tmp_path / "spill",
+              show_progress=False)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "spill"]
+    assert list((tmp_path / "spill").iterdir()) == []
+
+
 def test_sparsegpt_bundle(make_base_dir, tmp_path, capsys):
     """2:4 SparseGPT through the CLI: a valid bundle, kept values updated (OBS), reproducible bit for bit."""
     base = make_base_dir("llama_gqa")

@@ -134,9 +134,14 @@ class _SparseLinearFunction(torch.autograd.Function):
         need_x, need_values, _, need_bias, _ = ctx.needs_input_grad
         grad_x = grad_values = grad_bias = None
         grad = grad.to(ctx.dtype)
-        mask = unpack_mask(packed, ctx.shape[1]) if need_x or need_values else None  # (out, in), once for both
+        # The bool mask (out, in) lives through the matmul only when the values' gradient needs it too (align);
+        # under LoRA the one transient beside grad_x is the expanded weight.
+        mask = unpack_mask(packed, ctx.shape[1]) if need_values else None
         if need_x:
-            weight = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device).masked_scatter_(mask, values.to(ctx.dtype))
+            if mask is None:
+                weight = expand(packed, values, ctx.shape, ctx.dtype)
+            else:
+                weight = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device).masked_scatter_(mask, values.to(ctx.dtype))
             grad_x = (grad @ weight).to(ctx.x_dtype)  # (..., out) @ (out, in)
             del weight
         if need_values:  # the dense weight gradient, kept only where the mask keeps a weight

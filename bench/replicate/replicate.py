@@ -7,7 +7,8 @@ Builds a model family on public-domain text available offline (the PyPI sdist
    (GQA, 26.7M parameters) and a "small" sibling (about 0.3x its parameters), both
    pre-trained from scratch on the same Shakespeare tokens.
 2. **Publisher.** ``loramkit prune`` the large model with LoRAM-Rand (random) and
-   LoRAM-Stru (Taylor importance, as LLM-Pruner) at ratios 0.5 and 0.75; ``loramkit align``
+   LoRAM-Stru (Taylor importance, as LLM-Pruner) at ratios 0.5 and 0.75, and with
+   LoRAM-Semi 2:4 and LoRAM-Unst 0.5 (SparseGPT, stored sparse); ``loramkit align``
    each on Shakespeare plays held out of pre-training; ``loramkit quantize`` one to NF4.
 3. **User.** A task the family never saw: Milton's *Paradise Lost* (books I-IX to train,
    book X held out). ``loramkit train`` with one LoRA budget on the full large model (the
@@ -22,6 +23,8 @@ output), so a re-run skips what is done and an interrupted run resumes at its st
     .venv/bin/python bench/replicate/replicate.py                 # one seed: 52 min on 2 CPU cores
     .venv/bin/python bench/replicate/replicate.py --seeds 0,1,2   # more seeds of the user stage: +25 min each
     .venv/bin/python bench/replicate/replicate.py --quick         # 11 min: every stage, tiny budgets
+    .venv/bin/python bench/replicate/replicate.py --seeds 0,1,2 --only semi-2:4,unst-0.5
+        # only these rows (and their aligned ones), merged into the committed results; the other rows stay as measured
 """
 
 from __future__ import annotations
@@ -439,7 +442,9 @@ def summarize(family: dict[str, Any], bundles: dict[str, Any], users: dict[int, 
 
         row = {
             "name": name,
-            "label": _label(name),
+            "label": _label(name)
+            + (f" (seed{'s' if len(have) > 1 else ''} {', '.join(map(str, have))} only)" if have != seeds else ""),
+            "seeds": have,
             "trained_on_parameters": b["parameters"],
             "trained_on_bytes": b["bytes"],
             "untuned_ppl": b["untuned"]["perplexity"],
@@ -620,9 +625,11 @@ def merge(
 ) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
     """The committed results with this run's rows added or replaced; every other row is kept as it was measured."""
     seeds = [int(x) for x in old["users"]]
-    if sorted(seeds) != sorted(users):
-        raise SystemExit(f"--only merges into results over seeds {seeds}: run it with --seeds {','.join(map(str, seeds))}")
-    merged_users = {seed: old["users"][str(seed)] | users[seed] for seed in seeds}
+    if not set(users) <= set(seeds):
+        raise SystemExit(
+            f"--only merges into results over seeds {seeds}: run it with some of --seeds {','.join(map(str, seeds))}"
+        )
+    merged_users = {seed: old["users"][str(seed)] | users.get(seed, {}) for seed in seeds}
     return old["bundles"] | bundles, merged_users
 
 

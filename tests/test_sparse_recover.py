@@ -222,3 +222,27 @@ def test_cli_recover_and_merge_a_sparse_adapter(trained, tmp_path, capsys):
     assert run(["recover", str(adapter), "--out", str(tmp_path / "again"), "--bundle", str(bundle)]) == 0
     assert "rebound (sparse bundle: shapes unchanged)" in capsys.readouterr().out
     assert listing(tmp_path / "again") == ["README.md", ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+
+
+def test_an_aligned_sparse_bundles_adapter_rebinds_to_the_original_base(tmp_path_factory, make_base_dir, tmp_path):
+    """Alignment trains the kept values (paper: its updates are not used at inference): the adapter
+    still goes to the ORIGINAL base and merges into its dense weights, and only the aligned bundle,
+    the one it was trained on, takes it."""
+    from loramkit.train.align import align
+    from loramkit.train.config import AlignConfig
+    from tests.factory import sample_texts
+
+    parent = sparse_bundle(tmp_path_factory, make_base_dir, "semi-structured")
+    data = tmp_path / "c.txt"
+    data.write_text("\n\n".join(sample_texts(60, seed=5)))
+    cfg = AlignConfig(lr=5e-3, warmup_steps=0, micro_batch=4, seq_len=32, max_steps=2, precision="fp32", eval_split=0.1)
+    align(parent, data, tmp_path / "aligned", cfg, show_progress=False, log=lambda m: None)
+    aligned = tmp_path / "aligned"
+    assert Bundle(aligned).base == Bundle(parent).base and Bundle(aligned).bundle_id != Bundle(parent).bundle_id
+    adapter = trained_adapter(tmp_path_factory, aligned)
+    refused(tmp_path / "a", lambda out: recover_adapter(adapter, out, parent), AdapterError, "trained on")
+    base, out, merged = make_base_dir(CASE), tmp_path / "out", tmp_path / "merged"
+    then = lambda staged, bb: merge_adapter(base, staged, merged, bb, show_progress=False)  # noqa: E731
+    assert recover_adapter(adapter, out, then=then)["bundle_id"] == Bundle(aligned).bundle_id
+    assert read_adapter(out)[0]["base_model_name_or_path"] == str(base)
+    assert_merge_matches_peft(base, out, merged)

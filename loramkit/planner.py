@@ -19,10 +19,11 @@ paper sparsifies every projection of all 40 layers (``--keep-first 0 --keep-last
 default 4 + 2 intact layers give 1.71x and 1.84x). Semi 2:4 keeps exactly half of each
 projection: 6,671,979,520 parameters, 1.95x, as its Table 1 says; its Table 4 gives
 6,738,415,616 (1.93x) for the same model, 66,436,096 more than half of the projections
-leave, which no N:M count of these shapes gives. Unst 0.55 keeps 6,037,591,040 by magnitude
+leave, which no set of projections left dense gives either (it is not a multiple of
+1,310,720, the gcd of their half sizes). Unst 0.55 keeps 6,037,591,040 by magnitude
 (one group per matrix, 45% exactly) and 6,037,632,000 by Wanda (per row: 7,603 of 13,824
 removed) and 6,037,592,960 by SparseGPT (per 128-column block), all 2.16x as the paper says;
-its Table 4 count, 6,037,628,912, matches none of them (nor the reference SparseGPT's
+its own parameter count, 6,037,628,912, matches none of them (nor the reference SparseGPT's
 ``<=`` threshold, one more weight removed per block: 6,037,579,040).
 """
 

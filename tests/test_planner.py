@@ -109,7 +109,7 @@ def test_sparse_rows_reproduce_the_papers_table_1_llama2_13b():
     assert semi["pruned_layers"] == unst["pruned_layers"] == list(range(40))
     assert f"{_row(semi, 'LoRAM-Semi')['reduction_theoretical']:.2f}" == "1.95"
     assert f"{_row(unst, 'LoRAM-Unst')['reduction_theoretical']:.2f}" == "2.16"
-    # Table 4's own counts are not what these rules give (planner docstring): 1.93x for Semi
+    # The paper's own counts are not what these rules give (planner docstring): 1.93x for Semi
     # from 6,738,415,616 parameters, and 6,037,628,912 for Unst (2.16x all the same).
     assert f"{L13_FULL / 6_738_415_616:.2f}" == "1.93" and semi["pruned_parameters"] != 6_738_415_616
     assert f"{L13_FULL / 6_037_628_912:.2f}" == "2.16" and unst["pruned_parameters"] != 6_037_628_912

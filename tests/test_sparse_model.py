@@ -128,6 +128,20 @@ def test_sparse_linear_is_a_dense_zero_filled_linear(shape, bias):
         assert_close_eps(sparse.bias.grad, dense.bias.grad, 16)
 
 
+@pytest.mark.parametrize("piece", [1, 7, 64, 1 << 18])  # weights per unpacked piece: a row, rows, all at once
+def test_expand_in_pieces_is_the_zero_filled_weight(monkeypatch, piece):
+    """The hot path unpacks a few rows at a time; every split gives the one dense weight (any dtype asked)."""
+    from loramkit.bundle import sparse as layout
+
+    monkeypatch.setattr(layout, "_EXPAND_PIECE", piece)
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(1, 5), (9, 13), (33, 16), (5, 200)]:
+        w, mask = torch.randn(shape, generator=gen), torch.rand(shape, generator=gen) > 0.4
+        packed, values = layout.compress(w, mask)
+        assert torch.equal(layout.expand(packed, values, shape), torch.where(mask, w, 0)), shape
+        assert torch.equal(layout.expand(packed, values, shape, torch.bfloat16), torch.where(mask, w, 0).bfloat16()), shape
+
+
 def test_sparse_linear_under_autocast_does_the_casts_of_a_dense_linear():
     """bf16 autocast over fp32 values: the output, input and value gradients of a zero-filled nn.Linear."""
     gen = torch.Generator().manual_seed(1)

@@ -33,6 +33,7 @@ VALUES = "values"
 _BITS = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)  # bit k of a byte = column 8j + k
 _UNPACKED = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)).bitwise_and(1).bool()  # byte -> bits, LSB first
 _POPCOUNT = torch.tensor([bin(v).count("1") for v in range(256)], dtype=torch.int64)
+_EXPAND_PIECE = 1 << 18  # weights per piece of mask :func:`expand` unpacks (256 KiB of bools)
 _PATTERN = re.compile(r"^([1-9][0-9]*):([1-9][0-9]*)$")
 
 
@@ -107,10 +108,22 @@ def compress(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def expand(packed: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense ``[out, in]`` weight: kept values at their positions, zeros elsewhere (transient)."""
-    mask = unpack_mask(packed, shape[1])
+    """The dense ``[out, in]`` weight: kept values at their positions, zeros elsewhere (transient).
+
+    Rows are filled a few at a time, so beside the result only a small piece of the bool mask
+    exists (a whole one would add 1 byte a weight to every forward's peak, and CUDA's
+    ``masked_scatter`` another 8 for its prefix sums).
+    """
+    out, cols = shape
     dense = torch.zeros(shape, dtype=dtype or values.dtype, device=values.device)
-    return dense.masked_scatter_(mask, values.to(dense.dtype))  # fills set positions in row-major order
+    source = values.to(dense.dtype)
+    rows = max(1, _EXPAND_PIECE // max(1, cols))
+    start = 0
+    for r0 in range(0, out, rows):
+        mask = unpack_mask(packed[r0 : r0 + rows], cols)  # (rows, cols)
+        dense[r0 : r0 + rows].masked_scatter_(mask, source[start:])  # set positions in row-major order
+        start += int(mask.sum()) if r0 + rows < out else 0
+    return dense
 
 
 def layout_problems(

@@ -51,10 +51,10 @@ STRATEGIES = ("structured", *sparse.STRATEGIES)
 SPARSE_METHODS = {"unstructured": "LoRAM-Unst", "semi-structured": "LoRAM-Semi"}
 ZERO_FILLED = " (zero-filled)"  # suffix of the paper's way: the same masks, dense weights with zeros
 SPARSEGPT_BLOCK = 128  # SparseGPT's column block: its unstructured comparison group
-# A compressed projection's forward expands its weight for one matmul, one projection at a time:
-# the dense 16-bit weight (2 bytes a weight), the unpacked bool mask (1) and the int32 byte
-# indices of the table lookup that unpacks it (4 bytes per 8 weights).
-SPARSE_TRANSIENT_BYTES_PER_WEIGHT = 2 + 1 + 0.5
+# A compressed projection's forward (and backward) expands its weight for one matmul, one
+# projection at a time: the dense 16-bit weight (bundle.sparse.expand unpacks the mask a few
+# rows at a time beside it, a fixed 256 Ki-weight piece left out here).
+SPARSE_TRANSIENT_BYTES_PER_WEIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -276,7 +276,7 @@ def _sparse_plan(
         ("LoRA", n_full, 2 * n_full, 2 * n_full, lora, 2 * n_full + LORA_BYTES_PER_PARAM * lora),
         ("QLoRA", n_full, n_full / 2, qlora_real, lora, qlora_real + LORA_BYTES_PER_PARAM * lora),
         (name, n_kept, 2 * n_kept, compressed, lora,
-         compressed + LORA_BYTES_PER_PARAM * lora + math.ceil(SPARSE_TRANSIENT_BYTES_PER_WEIGHT * largest)),
+         compressed + LORA_BYTES_PER_PARAM * lora + SPARSE_TRANSIENT_BYTES_PER_WEIGHT * largest),
         (name + ZERO_FILLED, n_kept, 2 * n_kept, 2 * n_full, lora, 2 * n_full + LORA_BYTES_PER_PARAM * lora),
     ]  # fmt: skip
     rows = [

@@ -171,10 +171,9 @@ def test_sparse_real_bytes_are_values_masks_and_the_dense_rest():
     assert zero_filled["storage_real"] == lora["storage_real"] == 2 * L13_FULL
     assert zero_filled["train_memory"] == lora["train_memory"]
     assert zero_filled["trainable"] == compressed["trainable"] == lora["trainable"]
-    # Compressed: the weights it saves, less the one projection expanded at a time (dense 2 bytes
-    # a weight, bool mask 1, int32 index per mask byte 0.5).
+    # Compressed: the weights it saves, less the one projection expanded at a time (16-bit, dense).
     saved = 2 * L13_FULL - compressed["storage_real"]
-    assert lora["train_memory"] - compressed["train_memory"] == saved - 7 * 13824 * 5120 // 2
+    assert lora["train_memory"] - compressed["train_memory"] == saved - 2 * 13824 * 5120
     assert [m["method"] for m in p["methods"]] == ["full fine-tuning", "LoRA", "QLoRA", "LoRAM-Semi", "LoRAM-Semi (zero-filled)"]
 
 

@@ -209,8 +209,12 @@ def load_pruned_model(
             compute = _compute_dtype(compute_dtype, quantization["compute_dtype"], device)
             done = load_4bit_linears(model, b, ckpt, shapes, device, torch_dtype, compute)
         if b.sparsity is not None:  # compressed Linears, straight from their mask and values
+            from ..memory import return_large_blocks_to_os
             from .sparse import load_sparse_linears
 
+            # Each forward expands weights into tensor-sized transients; from glibc's heap they
+            # fragment it and the peak ratchets up (bench/sparse_memory.py: ~375 MiB on a 1B model).
+            return_large_blocks_to_os()
             done = load_sparse_linears(model, b, ckpt, shapes, device, torch_dtype, dense=sparse == "dense")
         expected = dict(model.named_parameters())
         filled: dict[str, int] = {}  # fused expert tensor -> expert slices loaded into it

@@ -40,7 +40,7 @@ from .bundle.safetensors_io import nbytes_of
 from .errors import LoramError
 from .families import ArchSpec
 from .families.geometry import LayerDims, count_parameters, expert_shapes, linear_shapes
-from .families.pruning_rules import exact_ratio, plan_layers
+from .families.pruning_rules import exact_ratio, plan_layers, sparse_kept_count
 
 # Mixed-precision AdamW: bf16 weights + bf16 grads + fp32 master, m and v (full fine-tuning);
 # LoRA weights train in fp32: weight + grad + m + v.
@@ -50,7 +50,6 @@ METHODS = ("full fine-tuning", "LoRA", "QLoRA", "LoRAM", "QLoRAM")
 STRATEGIES = ("structured", *sparse.STRATEGIES)
 SPARSE_METHODS = {"unstructured": "LoRAM-Unst", "semi-structured": "LoRAM-Semi"}
 ZERO_FILLED = " (zero-filled)"  # suffix of the paper's way: the same masks, dense weights with zeros
-SPARSEGPT_BLOCK = 128  # SparseGPT's column block: its unstructured comparison group
 # A compressed projection's forward (and backward) expands its weight for one matmul, one
 # projection at a time: the dense 16-bit weight (bundle.sparse.expand unpacks the mask a few
 # rows at a time beside it, a fixed 256 Ki-weight piece left out here).
@@ -126,30 +125,12 @@ def sparse_ratio(strategy: str, ratio: float | str | None, pattern: str | None) 
 
 
 def sparse_kept(shape: tuple[int, int], ratio: Fraction, importance: str, pattern: tuple[int, int] | None) -> int:
-    """Weights one sparsified ``[out, in]`` projection keeps (``pruning.rounding`` "floor").
-
-    N:M keeps N of every M input columns in every row. Otherwise each comparison group drops
-    floor(size * ratio): the whole matrix for magnitude, one row for Wanda, each 128-column
-    block (all rows; the last block may be narrower) for SparseGPT. The pruner applies the
-    same rule (loramkit.prune.sparse), which this layer may not import; tests hold the two
-    to a real bundle's counts.
-    """
-    out, cols = shape
-    if pattern is not None:
+    """Weights one sparsified ``[out, in]`` projection keeps: :func:`sparse_kept_count`, refusing
+    an N:M pattern that does not divide the projection's input width."""
+    if pattern is not None and shape[1] % pattern[1]:
         n, m = pattern
-        if cols % m:
-            raise LoramError(f"the {n}:{m} pattern needs input widths that are multiples of {m}; a projection has {cols}")
-        return out * (cols // m) * n
-    if importance == "magnitude":
-        groups = [(1, out * cols)]  # (how many, size)
-    elif importance == "wanda":
-        groups = [(out, cols)]
-    elif importance == "sparsegpt":  # (as its reference: one threshold per block, over all rows)
-        full, rest = divmod(cols, SPARSEGPT_BLOCK)
-        groups = [(full, out * SPARSEGPT_BLOCK)] + ([(1, out * rest)] if rest else [])
-    else:
-        raise LoramError(f"importance {importance!r} is not one of {', '.join(sparse.SPARSE_IMPORTANCES)}")
-    return sum(count * (size - math.floor(size * ratio)) for count, size in groups)
+        raise LoramError(f"the {n}:{m} pattern needs input widths that are multiples of {m}; a projection has {shape[1]}")
+    return sparse_kept_count(importance, shape, ratio, pattern)
 
 
 def plan(

@@ -33,7 +33,8 @@ VALUES = "values"
 _BITS = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)  # bit k of a byte = column 8j + k
 _UNPACKED = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)).bitwise_and(1).bool()  # byte -> bits, LSB first
 _POPCOUNT = torch.tensor([bin(v).count("1") for v in range(256)], dtype=torch.int64)
-_EXPAND_PIECE = 1 << 24  # weights per piece of mask :func:`expand` unpacks (16 MiB of bools; CPU masked_scatter_ costs ~6x more per weight in 256 Ki pieces)
+# Weights per piece of mask :func:`expand` unpacks: 16 MiB of bools (CPU masked_scatter_ costs ~6x more per weight in 256 Ki pieces).
+_EXPAND_PIECE = 1 << 24
 _PATTERN = re.compile(r"^([1-9][0-9]*):([1-9][0-9]*)$")
 
 

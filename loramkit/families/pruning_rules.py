@@ -22,6 +22,33 @@ ROUNDING_RULES = ("paper",)
 IMPORTANCE_KINDS = ("random", "magnitude", "taylor", "activation")
 
 
+SPARSE_BLOCK = 128  # SparseGPT's column block: its unstructured comparison group (all rows x 128 columns)
+
+
+def sparse_kept_count(importance: str, shape: tuple[int, int], ratio: Fraction, pattern: tuple[int, int] | None) -> int:
+    """Weights one sparsified ``[out, in]`` projection keeps (``pruning.rounding`` ``"floor"``).
+
+    N:M keeps N of every M input columns of every row. Otherwise each comparison group of
+    ``size`` weights drops ``floor(size * ratio)``: the whole matrix for magnitude, one row for
+    Wanda, each 128-column block over all rows (the last may be narrower) for SparseGPT. The
+    pruner, the planner and the validator all count with this one rule.
+    """
+    out, cols = shape
+    if pattern is not None:
+        n, m = pattern
+        return out * (cols // m) * n
+    if importance == "magnitude":
+        groups = [(1, out * cols)]  # (how many, size)
+    elif importance == "wanda":
+        groups = [(out, cols)]
+    elif importance == "sparsegpt":
+        full, rest = divmod(cols, SPARSE_BLOCK)
+        groups = [(full, out * SPARSE_BLOCK)] + ([(1, out * rest)] if rest else [])
+    else:
+        raise LoramError(f"importance {importance!r} is not one of magnitude, wanda, sparsegpt")
+    return sum(count * (size - math.floor(size * ratio)) for count, size in groups)
+
+
 def exact_ratio(ratio: float | str) -> Fraction:
     """The ratio as the exact decimal the user wrote: 0.85 is 17/20, not 0.84999999999999997."""
     try:

@@ -22,8 +22,10 @@ from fractions import Fraction
 import torch
 
 from ..errors import LoramError
+from ..families.pruning_rules import SPARSE_BLOCK
+from ..families.pruning_rules import sparse_kept_count as kept_count  # the one copy of the rule
 
-SPARSEGPT_BLOCKSIZE = 128  # columns per block: the mask of a block is chosen before its updates
+SPARSEGPT_BLOCKSIZE = SPARSE_BLOCK  # columns per block: the mask of a block is chosen before its updates
 SPARSEGPT_DAMPENING = Fraction(1, 100)  # of the mean of the Hessian's diagonal, added to the diagonal
 _SMALL_BLOCK = 1 << 18  # elements of a block below which its column steps run on one thread
 
@@ -63,22 +65,6 @@ def sparsegpt_blocksize(pattern: tuple[int, int] | None) -> int:
         return SPARSEGPT_BLOCKSIZE
     m = pattern[1]
     return max(m, SPARSEGPT_BLOCKSIZE // m * m)
-
-
-def kept_count(importance: str, shape: tuple[int, int], ratio: Fraction, pattern: tuple[int, int] | None) -> int:
-    """Weights one ``[out, in]`` projection keeps: exact by the rounding rule, before any scoring."""
-    out, cols = shape
-    if pattern is not None:
-        n, m = pattern
-        return out * (cols // m) * n
-    if importance == "magnitude":
-        return out * cols - removed(out * cols, ratio)
-    if importance == "wanda":
-        return out * (cols - removed(cols, ratio))
-    if importance == "sparsegpt":
-        bs = sparsegpt_blocksize(None)
-        return sum(out * min(bs, cols - b) - removed(out * min(bs, cols - b), ratio) for b in range(0, cols, bs))
-    raise ValueError(importance)
 
 
 def lowest(scores: torch.Tensor, k: int) -> torch.Tensor:

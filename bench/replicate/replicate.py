@@ -492,7 +492,10 @@ def report_markdown(meta: dict[str, Any], family: dict[str, Any], bundles: dict[
                  "each row was measured in one run, the later runs adding or re-measuring rows:"]  # fmt: skip
         for r in runs:
             what = ", ".join(labels[n] for n in r["rows"])
-            lines.append(f"- {r['date']}: {what}. Compute, every stage summed: {compute(r)}.")
+            where = (
+                f" on {r['machine']} ({r['device']})" if (r["machine"], r["device"]) != (meta["machine"], meta["device"]) else ""
+            )
+            lines.append(f"- {r['date']}{where}: {what}. Compute, every stage summed: {compute(r)}.")
             if r.get("family_check"):
                 checks = [f"{name} final loss {c['final_loss'][0]:.6f} -> {c['final_loss'][1]:.6f}, held-out ppl "
                           f"{c['general_ppl'][0]:.3f} -> {c['general_ppl'][1]:.3f} ({'identical' if c['identical'] else 'NOT identical'})"

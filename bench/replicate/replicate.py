@@ -230,6 +230,7 @@ class Stages:
 
     def eval(self, model: Path, data: Path, s: Settings, adapter: Path | None = None) -> dict[str, Any]:
         extra = ["--adapter", adapter] if adapter else []
+        extra += ["--precision", "fp32"] if self.device == "cpu" else []  # as the committed rows (eval's default is auto now)
         r = self.loramkit("eval", model, "--data", data, *extra, "--seq-len", s.seq_len, "--micro-batch", 8,
                           "--device", self.device, "--json", stdout=True)  # fmt: skip
         return json.loads(r["stdout"])

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import quantization as qformat
-from .bundle.fsutil import check_out_clear, output_lock, recover_leftovers
-from .errors import LoramError, OutputExistsError
+from .bundle.fsutil import check_out_clear, output_lock, recover_leftovers, refuse_existing
+from .errors import LoramError
 
 
 def check_quantizable(strategy: str) -> None:
@@ -49,8 +49,7 @@ def prune_quantized(
     with output_lock(out) as fresh:  # OUT is this run's from the scratch bundle to the quantized one
         if fresh:
             recover_leftovers(out)  # a killed run's scratch bundle too
-        if out.exists() and not overwrite:
-            raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
+        refuse_existing(out, overwrite)
         scratch = out.parent / f".{out.name}.tmp-prune-{uuid.uuid4().hex[:8]}"
         try:
             prune(base_dir, scratch, ratio, show_progress=show_progress, **prune_kw)

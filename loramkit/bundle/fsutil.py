@@ -27,6 +27,12 @@ _HELD: dict[Path, list[int]] = {}
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
+def refuse_existing(out: str | Path, overwrite: bool) -> None:
+    """An existing output is replaced only when asked: checked before long work, and again when staging."""
+    if Path(out).exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
+
+
 def check_out_clear(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
     """Refuse an output that is, contains or lies inside one of ``inputs`` (replacing it would destroy an input).
 
@@ -160,8 +166,7 @@ def staged(
 def _staged(
     out: Path, overwrite: bool, directory: bool, need: int | None, check: Callable[[Path], None] | None
 ) -> Iterator[Path]:
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
+    refuse_existing(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     if need is not None and shutil.disk_usage(out.parent).free < need:
         raise disk_full_error(out, need)

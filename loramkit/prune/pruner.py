@@ -26,7 +26,7 @@ import torch
 
 from .. import progress
 from ..bundle import card
-from ..bundle.fsutil import check_out_clear, staged_dir, write_json
+from ..bundle.fsutil import check_out_clear, refuse_existing, staged_dir, write_json
 from ..bundle.hashing import config_sha256
 from ..bundle.manifest import INDEX_MAPS_NAME
 from ..bundle.model_dir import INDEX_NAME, Checkpoint, parse_size, plan_shards, shard_names
@@ -34,7 +34,7 @@ from ..bundle.reader import check_written
 from ..bundle.safetensors_io import COPY_CHUNK, DTYPE_NAMES, DTYPES, StreamingWriter, nbytes_of, tensor_sha256_beside
 from ..bundle.sparse import SPARSE_IMPORTANCES
 from ..bundle.writer import copy_base_files, finalize, new_manifest
-from ..errors import BaseModelError, LoramError, OutputExistsError
+from ..errors import BaseModelError, LoramError
 from ..families import ArchSpec
 from ..families.geometry import LayerDims, count_parameters, layer_index_maps, pruned_shape, slice_tensor
 from ..families.pruning_rules import IMPORTANCE_KINDS, plan_layers
@@ -175,8 +175,7 @@ def prune(
         raise LoramError(f"{importance} importance needs --calibration FILE (texts to run through the base)")
     inputs = [base_dir, calibration, offload_dir]
     check_out_clear(out_dir, inputs)  # before any (taylor: long) work; staged_dir checks again
-    if Path(out_dir).exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists; choose another output or pass --overwrite")
+    refuse_existing(out_dir, overwrite)
     ckpt = Checkpoint(base_dir)
     try:
         arch = ArchSpec.from_config(ckpt.config)

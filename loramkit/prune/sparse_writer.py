@@ -27,14 +27,14 @@ import torch
 from .. import progress
 from ..bundle import card
 from ..bundle import sparse as layout
-from ..bundle.fsutil import check_out_clear, staged_dir, write_json
+from ..bundle.fsutil import check_out_clear, refuse_existing, staged_dir, write_json
 from ..bundle.hashing import config_sha256
 from ..bundle.manifest import INDEX_MAPS_NAME
 from ..bundle.model_dir import INDEX_NAME, Checkpoint, parse_size, plan_shards, shard_names
 from ..bundle.reader import check_written
 from ..bundle.safetensors_io import COPY_CHUNK, DTYPES, StreamingWriter, nbytes_of, tensor_sha256, tensor_sha256_beside
 from ..bundle.writer import copy_base_files, finalize, new_manifest
-from ..errors import LoramError, OutputExistsError
+from ..errors import LoramError
 from ..families import ArchSpec
 from ..families.geometry import LayerDims
 from ..families.pruning_rules import exact_ratio, layers_kept_intact
@@ -112,8 +112,7 @@ def prune_sparse(
     r, nm = sparse_settings(strategy, ratio, pattern, importance, calibration)
     inputs = [base_dir, calibration, offload_dir]
     check_out_clear(out_dir, inputs)
-    if Path(out_dir).exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists; choose another output or pass --overwrite")
+    refuse_existing(out_dir, overwrite)
     ckpt = Checkpoint(base_dir)
     try:
         arch = ArchSpec.from_config(ckpt.config)

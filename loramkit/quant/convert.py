@@ -26,12 +26,12 @@ import torch
 from .. import progress
 from ..bundle import Bundle, card
 from ..bundle import quantization as qformat
-from ..bundle.fsutil import check_out_clear, staged_dir, write_json
+from ..bundle.fsutil import check_out_clear, refuse_existing, staged_dir, write_json
 from ..bundle.model_dir import INDEX_NAME, parse_size, plan_shards, shard_names
 from ..bundle.reader import check_written
 from ..bundle.safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsReader, StreamingWriter, nbytes_of, tensor_bytes
 from ..bundle.writer import finalize, new_manifest
-from ..errors import LoramError, OutputExistsError
+from ..errors import LoramError
 from ..memory import return_large_blocks_to_os
 from ._bnb import bnb
 
@@ -75,8 +75,7 @@ def quantize_bundle(
         raise LoramError(f"blocksize {blocksize} is not one bitsandbytes supports ({', '.join(map(str, qformat.BLOCKSIZES))})")
     if compute_dtype not in qformat.COMPUTE_DTYPES:
         raise LoramError(f"compute dtype {compute_dtype!r} is not one of {', '.join(qformat.COMPUTE_DTYPES)}")
-    if Path(out).exists() and not overwrite:  # before hashing the source; staged_dir checks again
-        raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
+    refuse_existing(out, overwrite)  # before hashing the source; staged_dir checks again
     check_out_clear(out, [src.path if isinstance(src, Bundle) else src])
     b = src if isinstance(src, Bundle) else Bundle(src)
     m = b.manifest

@@ -370,13 +370,13 @@ def run_loop(
 
 def output_paths(out: str | Path, *, overwrite: bool, resume: bool, command: str) -> tuple[Path, Path]:
     """(OUT, OUT.ckpt/): refuses an existing OUT, and a resume with no checkpoint to resume from."""
-    from ..errors import LoramError, OutputExistsError
+    from ..bundle.fsutil import refuse_existing
+    from ..errors import LoramError
     from . import checkpoint
 
     out = Path(out)
     ckpt_root = out.with_name(out.name + ".ckpt")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
+    refuse_existing(out, overwrite)
     if resume and checkpoint.latest(ckpt_root) is None:
         raise LoramError(f"nothing to resume: no checkpoint in {ckpt_root} ({command} with --save-every N to make them)")
     return out, ckpt_root

@@ -451,8 +451,25 @@ def test_unstructured_ratio_off_is_a_warning(copy_sparse):
     d = copy_sparse()
     edit_manifest(d, lambda m: m["pruning"].update(ratio=0.4))
     problems, warnings = validate(d)
-    assert problems == [] and warnings and all("pruning.ratio 0.4 with floor rounding" in w for w in warnings)
+    assert problems == [] and warnings and all("pruning.ratio 0.4 with magnitude groups" in w for w in warnings)
     assert len(warnings) == len(read_manifest(d)["sparsity"]["modules"])
+
+
+def test_unstructured_count_is_checked_exactly(copy_sparse):
+    """Ratio 0.5001 removes one weight more per module than 0.5 under the magnitude rule: within
+    floor rounding of the ratio (the bound alone would pass it), but not the pruner's count."""
+    d = copy_sparse()
+    edit_manifest(d, lambda m: m["pruning"].update(ratio=0.5001))
+    problems, warnings = validate(d)
+    m = read_manifest(d)
+    shapes = {mod: m["base"]["tensors"][f"{mod}.weight"]["shape"] for mod in m["sparsity"]["modules"]}
+    off = sorted(mod for mod, (o, i) in shapes.items() if math.floor(o * i * Fraction("0.5001")) != o * i // 2)
+    assert problems == [] and off and len(off) < len(shapes)  # the case separates the two checks
+    assert sorted(w.split(":")[0] for w in warnings) == off
+    assert all("with magnitude groups and floor rounding removes" in w for w in warnings), warnings
+    # an importance this loramkit does not know keeps the bound: one warning, for the name
+    edit_manifest(d, lambda m: m["pruning"].update(importance="obs"))
+    assert validate(d) == ([], ["pruning.importance 'obs' is unknown to this loramkit for unstructured pruning"])
 
 
 def test_quantization_with_sparsity_is_a_problem(copy_sparse):

@@ -11,7 +11,15 @@ from .. import progress
 from ..errors import LoramError
 from ..families import ArchSpec
 from ..families.geometry import LayerDims, count_parameters, coupled_slices, layer_index_maps, pruned_shape, unit_rows
-from ..families.pruning_rules import IMPORTANCE_KINDS, ROUNDING_RULES, exact_ratio, layers_kept_intact, plan_layers
+from ..families.pruning_rules import (
+    IMPORTANCE_KINDS,
+    ROUNDING_RULES,
+    SPARSE_BLOCK,
+    exact_ratio,
+    layers_kept_intact,
+    plan_layers,
+    sparse_kept_count,
+)
 from . import quantization as qformat
 from . import sparse as sformat
 from .hashing import config_sha256
@@ -111,10 +119,17 @@ def _check_sparse_record(m: dict, arch: ArchSpec, layers: list[LayerDims], probl
 
 
 def _sparse_module_problems(
-    ckpt: Checkpoint, module: str, base_weight: dict, pattern: tuple[int, int] | None, ratio: Fraction | None, warnings: list[str]
+    ckpt: Checkpoint,
+    module: str,
+    base_weight: dict,
+    pattern: tuple[int, int] | None,
+    ratio: Fraction | None,
+    importance: str,
+    warnings: list[str],
 ) -> tuple[list[str], int]:
     """(problems, nnz) of one sparse Linear (spec 7.3): the two tensors' dtypes and shapes, the
-    layout (mask shape, padding bits, value count, N:M), and its sparsity against the ratio."""
+    layout (mask shape, padding bits, value count, N:M), and its sparsity against the ratio:
+    exact for the importances whose comparison groups this loramkit knows, bounded otherwise."""
     shape = tuple(base_weight["shape"])
     if len(shape) != 2:
         return [f"sparsity.modules lists {module}, whose weight {list(shape)} is not a Linear's"], 0
@@ -131,14 +146,21 @@ def _sparse_module_problems(
     out = sformat.layout_problems(module, shape, ckpt.get(sformat.mask_key(module)), nnz, pattern)
     size = shape[0] * shape[1]
     if not out and pattern is None and ratio is not None:
-        # floor loses under one weight per comparison group; no rule of 7.3 has more than out * ceil(in / 128) groups
-        groups = shape[0] * -(-shape[1] // 128)
         removed = size - nnz
-        if not size * ratio - groups < removed <= size * ratio:
-            warnings.append(
-                f"{module}: {removed:,} of {size:,} weights removed ({removed / size:.4f}), "
-                f"pruning.ratio {float(ratio)} with floor rounding removes {float(size * ratio - groups):,.0f}..{float(size * ratio):,.0f}"
-            )
+        if importance in sformat.SPARSE_IMPORTANCES:  # the pruner's own rule: the count is exact
+            want = size - sparse_kept_count(importance, shape, ratio, None)
+            if removed != want:
+                warnings.append(
+                    f"{module}: {removed:,} of {size:,} weights removed, pruning.ratio {float(ratio)} "
+                    f"with {importance} groups and floor rounding removes {want:,}"
+                )
+        else:  # floor loses under one weight per group; no rule of 7.3 has more than out * ceil(in / 128) groups
+            groups = shape[0] * -(-shape[1] // SPARSE_BLOCK)
+            if not size * ratio - groups < removed <= size * ratio:
+                warnings.append(
+                    f"{module}: {removed:,} of {size:,} weights removed ({removed / size:.4f}), pruning.ratio "
+                    f"{float(ratio)} with floor rounding removes {float(size * ratio - groups):,.0f}..{float(size * ratio):,.0f}"
+                )
     return out, nnz
 
 
@@ -358,7 +380,9 @@ def validate(path: str | Path) -> tuple[list[str], list[str]]:
         total = sum(ckpt.info(n).nbytes for n in checked)
         with progress.task("checking tensors", total, transient=True) as advance:  # re-hashes what the base holds unchanged
             for w in checked_sparse:  # one mask in memory at a time; values only through their header
-                found, nnz = _sparse_module_problems(ckpt, sparse[w], base[w], pattern, ratio, warnings)
+                found, nnz = _sparse_module_problems(
+                    ckpt, sparse[w], base[w], pattern, ratio, m["pruning"]["importance"], warnings
+                )
                 problems += found
                 numel += nnz
                 removed += torch.Size(base[w]["shape"]).numel() - nnz

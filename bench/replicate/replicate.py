@@ -498,10 +498,13 @@ def report_markdown(meta: dict[str, Any], family: dict[str, Any], bundles: dict[
             )
             lines.append(f"- {r['date']}{where}: {what}. Compute, every stage summed: {compute(r)}.")
             if r.get("family_check"):
-                checks = [f"{name} pre-training losses within {c['max_curve_diff']:.1e} at every logged step, held-out loss "
-                          f"{c['heldout_loss_diff']:+.1e} (ppl {c['general_ppl'][0]:.3f} -> {c['general_ppl'][1]:.3f}; "
-                          f"{'identical' if c['identical'] else 'not bit for bit'})" for name, c in r["family_check"].items()]  # fmt: skip
+                checks = [f"{name}: pre-training losses equal at every logged step to the 6 decimals recorded, held-out loss "
+                          f"equal (ppl {c['general_ppl'][1]:.3f})" if c["identical"] else
+                          f"{name}: pre-training losses within {c['max_curve_diff']:.1e} at every logged step, held-out loss "
+                          f"{c['heldout_loss_diff']:+.1e} (ppl {c['general_ppl'][0]:.3f} -> {c['general_ppl'][1]:.3f})"
+                          for name, c in r["family_check"].items()]  # fmt: skip
                 lines.append(f"  This run pre-trained the family again (earlier run -> this run): {'; '.join(checks)}.")
+        lines.append("")  # the list ends here
     lines += [
         (
             f"Seeds of the user stage (LoRA init, data order, dropout): {', '.join(map(str, seeds))}; "
@@ -619,10 +622,11 @@ def _family_check(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         out[name] = {
             "final_loss": [o["final_loss"], n["final_loss"]],
             "general_ppl": [o["general_heldout"]["perplexity"], n["general_heldout"]["perplexity"]],
-            # the loop's loss history is rounded to 6 decimals since 2026-11-30, so curves are compared to that
             "max_curve_diff": max(abs(x - y) for x, y in zip(o["loss_curve"], n["loss_curve"], strict=True)),
             "heldout_loss_diff": n["general_heldout"]["loss"] - o["general_heldout"]["loss"],
-            "identical": o["loss_curve"] == n["loss_curve"] and o["general_heldout"]["loss"] == n["general_heldout"]["loss"],
+            # the loop's loss history is rounded to 6 decimals since 2026-11-30: curves are compared at that precision
+            "identical": [round(x, 6) for x in o["loss_curve"]] == [round(x, 6) for x in n["loss_curve"]]
+            and o["general_heldout"]["loss"] == n["general_heldout"]["loss"],
         }
     return out
 

@@ -13,10 +13,11 @@ import ctypes.util
 import functools
 
 _M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20  # bytes: blocks this large or larger get their own mapping
 
 
 @functools.cache
-def return_large_blocks_to_os(threshold: int = 1 << 20) -> bool:
+def return_large_blocks_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold (once per process); True when it took effect."""
     name = ctypes.util.find_library("c")
     if not name:

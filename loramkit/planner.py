@@ -51,8 +51,8 @@ STRATEGIES = ("structured", *sparse.STRATEGIES)
 SPARSE_METHODS = {"unstructured": "LoRAM-Unst", "semi-structured": "LoRAM-Semi"}
 ZERO_FILLED = " (zero-filled)"  # suffix of the paper's way: the same masks, dense weights with zeros
 # A compressed projection's forward (and backward) expands its weight for one matmul, one
-# projection at a time: the dense 16-bit weight (bundle.sparse.expand unpacks the mask a few
-# rows at a time beside it, a fixed 256 Ki-weight piece left out here).
+# projection at a time: the dense 16-bit weight (bundle.sparse.expand unpacks the mask in pieces
+# of whole rows, at most 16 Mi weights, 16 MiB of bools, beside it; left out here).
 SPARSE_TRANSIENT_BYTES_PER_WEIGHT = 2
 
 

@@ -13,7 +13,7 @@ It reuses `bench/_work/replicate/` (run replicate.py first; bundles it lacks are
 replicate.py's arguments) and keeps each measured row in `cost/rows.json` there, so an
 interrupted run resumes (delete that file to measure again).
 
-    .venv/bin/python bench/replicate/train_cost.py      # about 20 min on 2 CPU cores
+    .venv/bin/python bench/replicate/train_cost.py      # about 30 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from _measure import run_measured
+
+from loramkit.memory import MMAP_THRESHOLD
 
 WORK = ROOT / "bench" / "_work" / "replicate"
 OUT = ROOT / "bench" / "results" / "replication-train-cost.json"
@@ -39,7 +42,7 @@ ROWS = {  # name: the prune arguments replicate.py uses for it (keep 1/1, seed 0
     "semi-2:4": ["--strategy", "semi-structured", "--pattern", "2:4", "--importance", "sparsegpt", *CALIBRATION],
     "unst-0.5": ["--strategy", "unstructured", "--ratio", "0.5", "--importance", "sparsegpt", *CALIBRATION],
 }
-MMAP = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}  # what loading a sparse bundle sets
+MMAP = {"GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}"}  # what loading a sparse bundle sets
 RUNS = {  # row: (bundle, environment)
     "large-full": ("large-full", {}),
     "stru-0.5": ("stru-0.5", {}),

@@ -111,9 +111,9 @@ def compress(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, to
 def expand(packed: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense ``[out, in]`` weight: kept values at their positions, zeros elsewhere (transient).
 
-    Rows are filled a few at a time, so beside the result only a small piece of the bool mask
-    exists (a whole one would add 1 byte a weight to every forward's peak, and CUDA's
-    ``masked_scatter`` another 8 for its prefix sums).
+    Rows are filled in pieces of at most ``_EXPAND_PIECE`` weights, so beside the result at most
+    that much of the bool mask exists (a whole one would add 1 byte a weight to a large
+    projection's forward peak, and CUDA's ``masked_scatter`` another 8 for its prefix sums).
     """
     out, cols = shape
     dense = torch.zeros(shape, dtype=dtype or values.dtype, device=values.device)

@@ -25,6 +25,11 @@ IMPORTANCE_KINDS = ("random", "magnitude", "taylor", "activation")
 SPARSE_BLOCK = 128  # SparseGPT's column block: its unstructured comparison group (all rows x 128 columns)
 
 
+def removed(size: int, ratio: Fraction) -> int:
+    """Weights a comparison group of ``size`` removes: ``floor(size * ratio)``, in exact arithmetic."""
+    return math.floor(size * ratio)
+
+
 def sparse_kept_count(importance: str, shape: tuple[int, int], ratio: Fraction, pattern: tuple[int, int] | None) -> int:
     """Weights one sparsified ``[out, in]`` projection keeps (``pruning.rounding`` ``"floor"``).
 
@@ -46,7 +51,7 @@ def sparse_kept_count(importance: str, shape: tuple[int, int], ratio: Fraction, 
         groups = [(full, out * SPARSE_BLOCK)] + ([(1, out * rest)] if rest else [])
     else:
         raise LoramError(f"importance {importance!r} is not one of magnitude, wanda, sparsegpt")
-    return sum(count * (size - math.floor(size * ratio)) for count, size in groups)
+    return sum(count * (size - removed(size, ratio)) for count, size in groups)
 
 
 def exact_ratio(ratio: float | str) -> Fraction:

@@ -16,13 +16,12 @@ shapes can be planned up front.
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 import torch
 
 from ..errors import LoramError
-from ..families.pruning_rules import SPARSE_BLOCK
+from ..families.pruning_rules import SPARSE_BLOCK, removed
 from ..families.pruning_rules import sparse_kept_count as kept_count  # the one copy of the rule
 
 SPARSEGPT_BLOCKSIZE = SPARSE_BLOCK  # columns per block: the mask of a block is chosen before its updates
@@ -52,11 +51,6 @@ DEFINITIONS = {  # recorded in the manifest as pruning.importance_definition
         "all in fp32, the result rounded to the base dtype"
     ),
 }
-
-
-def removed(size: int, ratio: Fraction) -> int:
-    """Weights a comparison group of ``size`` removes: ``floor(size * ratio)``, in exact arithmetic."""
-    return math.floor(size * ratio)
 
 
 def sparsegpt_blocksize(pattern: tuple[int, int] | None) -> int:
